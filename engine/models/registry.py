@@ -1,0 +1,44 @@
+"""HF architecture name -> engine implementation (imported lazily), with the docs metadata."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelImpl:
+    module: str  # engine.models.<module>
+    class_name: str
+    tasks: tuple[str, ...] = ("generate",)
+
+    def load_class(self) -> type[nn.Module]:
+        return getattr(importlib.import_module(f"engine.models.{self.module}"), self.class_name)
+
+
+_NATIVE: dict[str, ModelImpl] = {
+    "LlamaForCausalLM": ModelImpl("llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ModelImpl("llama", "MistralForCausalLM"),
+    "Qwen2ForCausalLM": ModelImpl("llama", "Qwen2ForCausalLM"),
+    "Qwen3ForCausalLM": ModelImpl("llama", "Qwen3ForCausalLM"),
+}
+
+
+class UnsupportedArchitectureError(ValueError):
+    pass
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_NATIVE)
+
+
+def get_model_impl(architectures: list[str] | None) -> tuple[str, ModelImpl]:
+    """The first of a config's architectures that the engine implements."""
+    for arch in architectures or []:
+        if arch in _NATIVE:
+            return arch, _NATIVE[arch]
+    raise UnsupportedArchitectureError(
+        f"architecture {architectures!r} is not supported by the engine; "
+        f"supported: {', '.join(supported_architectures())}"
+    )

@@ -1,0 +1,79 @@
+"""Loading checkpoint tensors into engine modules whose parameters may fuse several HF ones."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from engine.loader import WeightsError
+
+
+@dataclass(frozen=True)
+class Packed:
+    """HF tensor `.part.` is shard `shard` of the engine parameter named with `.fused.` instead."""
+    fused: str
+    part: str
+    shard: int
+
+
+def fused_linear(in_features: int, shard_sizes: list[int], bias: bool) -> nn.Linear:
+    """One Linear computing several HF projections at once; loading fills it shard by shard."""
+    layer = nn.Linear(in_features, sum(shard_sizes), bias=bias)
+    for param in layer.parameters():
+        param.shard_sizes = shard_sizes
+    return layer
+
+
+def load_weights(
+    model: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    packed: Iterable[Packed] = (),
+    skip: tuple[str, ...] = (),
+) -> None:
+    """Copy every checkpoint tensor into its parameter; error on a missing or misshapen one.
+
+    Tensors whose name contains one of `skip` are ignored (e.g. a tied lm_head); tensors with
+    no parameter (buffers such as rotary inv_freq) are ignored too.
+    """
+    packed = list(packed)
+    params = dict(model.named_parameters())
+    expected = {n for name in params for n in _checkpoint_names(name, packed)}
+    loaded: set[str] = set()
+    for name, tensor in weights:
+        if any(s in name for s in skip):
+            continue
+        target, shard = _target(name, packed)
+        param = params.get(target)
+        if param is None:
+            continue
+        dest = param.data
+        if shard is not None:
+            sizes = param.shard_sizes
+            dest = dest.narrow(0, sum(sizes[:shard]), sizes[shard])
+        if tuple(dest.shape) != tuple(tensor.shape):
+            raise WeightsError(
+                f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                f"but the model expects {tuple(dest.shape)} (parameter {target!r})"
+            )
+        dest.copy_(tensor.to(dest.dtype))
+        loaded.add(name)
+    missing = sorted(expected - loaded)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        raise WeightsError(f"checkpoint is missing tensors the model needs: {shown}")
+
+
+def _target(name: str, packed: list[Packed]) -> tuple[str, int | None]:
+    for p in packed:
+        if f".{p.part}." in name:
+            return name.replace(f".{p.part}.", f".{p.fused}."), p.shard
+    return name, None
+
+
+def _checkpoint_names(param_name: str, packed: list[Packed]) -> list[str]:
+    parts = [p for p in packed if f".{p.fused}." in param_name]
+    if not parts:
+        return [param_name]
+    return [param_name.replace(f".{p.fused}.", f".{p.part}.") for p in parts]

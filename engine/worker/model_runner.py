@@ -1,0 +1,176 @@
+"""Runs one scheduler step: flattens the scheduled sequences into one batch (no padding),
+runs the model over the paged KV cache, and samples the sequences that complete this step."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from engine.config import EngineConfig
+from engine.core.request import Sequence
+from engine.core.scheduler import ScheduledSeq
+from engine.layers.attention import Attention, AttentionMetadata, PrefillChunk
+from engine.layers.sampler import SamplerOutput, SamplingBatch, sample
+from engine.loader import iter_weights
+from engine.models.registry import get_model_impl
+
+
+@dataclass
+class PromptLogprobsChunk:
+    seq: Sequence
+    first_position: int  # prompt index of the first token these rows score
+    logprobs: torch.Tensor  # [rows, V] log-softmax over the logits predicting those tokens
+
+
+@dataclass
+class StepResult:
+    sampled: list[Sequence]
+    sampler_output: SamplerOutput | None
+    prompt_logprobs: list[PromptLogprobsChunk]
+
+
+def load_model(config: EngineConfig) -> nn.Module:
+    _, impl = get_model_impl(config.hf_config.architectures)
+    with torch.device(config.device):
+        model = impl.load_class()(config.hf_config)
+    model.load_weights(iter_weights(config.source))
+    return model.to(dtype=config.dtype).eval()
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, eos_token_ids: frozenset[int] = frozenset(),
+                 model: nn.Module | None = None):
+        self.config = config
+        self.eos_token_ids = eos_token_ids
+        self.block_size = config.block_size
+        self.model = model if model is not None else load_model(config)
+        self.vocab_size = config.hf_config.vocab_size
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self._allocate_kv_cache()
+
+    def _allocate_kv_cache(self) -> None:
+        for layer in self.attention_layers:
+            shape = (self.config.num_kv_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+            layer.k_cache = torch.zeros(shape, dtype=self.config.dtype, device=self.config.device)
+            layer.v_cache = torch.zeros(shape, dtype=self.config.dtype, device=self.config.device)
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledSeq]) -> StepResult:
+        input_ids, positions, meta = self._prepare(scheduled)
+        hidden = self.model(input_ids, positions, meta)
+        rows, sampled = self._sample_rows(scheduled)
+        prompt_chunks, prompt_rows = self._prompt_logprob_rows(scheduled)
+        sampler_output = None
+        if not rows and not prompt_rows:
+            return StepResult([], None, [])
+        # The LM head runs only on rows that need logits, not on every prefill token.
+        logits = self.model.compute_logits(hidden[torch.tensor(rows + prompt_rows, dtype=torch.long)])
+        if sampled:
+            sampler_output = sample(logits[:len(rows)], self._sampling_batch(sampled))
+        offset = len(rows)
+        results = []
+        for seq, first, count in prompt_chunks:
+            lp = torch.log_softmax(logits[offset:offset + count], dim=-1)
+            results.append(PromptLogprobsChunk(seq, first, lp))
+            offset += count
+        return StepResult(sampled, sampler_output, results)
+
+    def _prepare(self, scheduled: list[ScheduledSeq]):
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        prefills: list[PrefillChunk] = []
+        decode_idx: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        for s in scheduled:
+            seq, start = s.seq, s.seq.num_computed_tokens
+            end = start + s.num_new_tokens
+            q_start = len(input_ids)
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            if s.num_new_tokens == 1 and start > 0:
+                decode_idx.append(q_start)
+                decode_tables.append(table)
+                decode_lens.append(end)
+            else:
+                num_blocks = -(-end // bs)
+                prefills.append(PrefillChunk(q_start, len(input_ids), start, torch.tensor(table[:num_blocks])))
+        width = max((len(t) for t in decode_tables), default=0)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            prefills=prefills,
+            decode_token_idx=torch.tensor(decode_idx, dtype=torch.long),
+            decode_block_tables=torch.tensor([t + [0] * (width - len(t)) for t in decode_tables],
+                                             dtype=torch.long).view(len(decode_tables), width),
+            decode_context_lens=torch.tensor(decode_lens, dtype=torch.long),
+            block_size=bs,
+        )
+        return torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), meta
+
+    def _sample_rows(self, scheduled: list[ScheduledSeq]) -> tuple[list[int], list[Sequence]]:
+        rows, seqs, end = [], [], 0
+        for s in scheduled:
+            end += s.num_new_tokens
+            if s.samples:
+                rows.append(end - 1)
+                seqs.append(s.seq)
+        return rows, seqs
+
+    def _prompt_logprob_rows(self, scheduled: list[ScheduledSeq]):
+        """Rows whose logits score a prompt token: position p predicts prompt token p + 1."""
+        chunks, rows, q_start = [], [], 0
+        for s in scheduled:
+            seq = s.seq
+            start = seq.num_computed_tokens
+            if seq.wants_prompt_logprobs and not seq.prompt_logprobs_done:
+                first = max(start, len(seq.prompt_logprobs) - 1)
+                last = min(start + s.num_new_tokens, seq.num_prompt_tokens - 1)
+                if last > first:
+                    rows.extend(q_start + p - start for p in range(first, last))
+                    chunks.append((seq, first + 1, last - first))
+            q_start += s.num_new_tokens
+        return chunks, rows
+
+    def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+        params = [s.params for s in seqs]
+        batch = SamplingBatch(
+            temperature=torch.tensor([0.0 if p.greedy else p.temperature for p in params]),
+            top_k=torch.tensor([p.top_k for p in params], dtype=torch.long),
+            top_p=torch.tensor([p.top_p for p in params]),
+            min_p=torch.tensor([p.min_p for p in params]),
+            generators=[s.generator for s in seqs],
+            num_logprobs=[p.logprobs for p in params],
+        )
+        banned = [self._banned_ids(s) for s in seqs]
+        if any(banned):
+            batch.banned_token_ids = banned
+        if any(p.has_penalties for p in params):
+            self._add_penalties(batch, seqs)
+        return batch
+
+    def _banned_ids(self, seq: Sequence) -> list[int]:
+        p = seq.params
+        if seq.num_output_tokens >= p.min_tokens:
+            return []
+        eos = [] if p.ignore_eos else list(self.eos_token_ids)
+        return eos + p.stop_token_ids
+
+    def _add_penalties(self, batch: SamplingBatch, seqs: list[Sequence]) -> None:
+        n, v = len(seqs), self.vocab_size
+        counts = torch.zeros(n, v)
+        prompt_mask = torch.zeros(n, v, dtype=torch.bool)
+        for row, seq in enumerate(seqs):
+            out = seq.output_token_ids
+            if out:
+                counts[row].index_add_(0, torch.tensor(out), torch.ones(len(out)))
+            prompt_mask[row, torch.tensor(seq.prompt_token_ids)] = True
+        batch.penalty_token_counts = counts
+        batch.penalty_prompt_mask = prompt_mask
+        batch.presence_penalty = torch.tensor([s.params.presence_penalty for s in seqs])
+        batch.frequency_penalty = torch.tensor([s.params.frequency_penalty for s in seqs])
+        batch.repetition_penalty = torch.tensor([s.params.repetition_penalty for s in seqs])

@@ -117,3 +117,17 @@ def _zoo_errors():
         yield
     except zoo.ZooUnavailableError as exc:
         raise CommandError(str(exc)) from None
+
+
+@subcommand("matrix")
+def _register_matrix(commands) -> None:
+    from harness.matrix import register_matrix_cli
+
+    register_matrix_cli(commands)
+
+
+@subcommand("docs")
+def _register_docs(commands) -> None:
+    from harness.docs import register_docs_cli
+
+    register_docs_cli(commands)

@@ -29,11 +29,19 @@ class Detokenizer:
 
     def step(self, seq: Sequence) -> str:
         """Appends and returns the text the newest token completes."""
+        return self._advance(seq, hold_incomplete=True)
+
+    def flush(self, seq: Sequence) -> str:
+        """Appends and returns the text held back at the end of a finished sequence: a character
+        that never completed decodes as U+FFFD, as in tokenizer.decode of the whole output."""
+        return self._advance(seq, hold_incomplete=False)
+
+    def _advance(self, seq: Sequence, hold_incomplete: bool) -> str:
         skip = seq.params.skip_special_tokens
         ids = seq.token_ids
         prefix = self.tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=skip)
         full = self.tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=skip)
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+        if len(full) <= len(prefix) or (hold_incomplete and full.endswith("\ufffd")):
             return ""
         new_text = full[len(prefix):]
         seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)

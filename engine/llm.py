@@ -66,6 +66,8 @@ class LLM:
         parsed = [self._parse_prompt(p) for p in prompts]
         for _, ids in parsed:
             self.llm_engine.validate_prompt(ids)
+        for sp in params:
+            self.llm_engine.validate_params(sp)
         ids = [str(next(self._request_ids)) for _ in parsed]
         for request_id, (text, token_ids), sp in zip(ids, parsed, params):
             self.llm_engine.add_request(request_id, text, token_ids, sp)

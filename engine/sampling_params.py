@@ -41,7 +41,7 @@ class SamplingParams:
 
         if not isinstance(self.n, int) or self.n < 1:
             bad("n", "must be an integer >= 1")
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # written so that NaN fails too
             bad("temperature", "must be >= 0 (0 means greedy)")
         if not 0.0 < self.top_p <= 1.0:
             bad("top_p", "must be in (0, 1]")
@@ -65,7 +65,7 @@ class SamplingParams:
             bad("presence_penalty", "must be in [-2, 2]")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             bad("frequency_penalty", "must be in [-2, 2]")
-        if self.repetition_penalty <= 0:
+        if not self.repetition_penalty > 0:  # written so that NaN fails too
             bad("repetition_penalty", "must be > 0")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "every stop string must be a non-empty str")

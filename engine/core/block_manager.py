@@ -1,7 +1,8 @@
 """Fixed-size KV blocks: a free list, reference counts, and prefix caching by chained hashes.
 
 A block's hash covers its tokens and the hash of the block before it, so equal hashes mean
-equal prefixes (up to hash collisions, which are caught by comparing the stored tokens).
+equal prefixes (up to hash collisions, which are caught by comparing the stored tokens and the
+stored hash of the block before).
 Freed blocks keep their hash until they are handed out again, so a later request with the
 same prefix can take them back: the free list is also the LRU eviction order.
 """
@@ -19,6 +20,8 @@ class Block:
     ref_count: int = 0
     hash: int | None = None
     token_ids: tuple[int, ...] = ()
+    # The hash of the block before it when published: with token_ids, what a hit is checked against.
+    parent_hash: int | None = None
 
 
 def chain_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
@@ -90,7 +93,11 @@ class BlockManager:
         for i, h in enumerate(seq.block_hashes[:max_blocks]):
             block_id = self._cached.get(h)
             tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
-            if block_id is None or self.blocks[block_id].token_ids != tokens:
+            parent = seq.block_hashes[i - 1] if i else None
+            # A collision is caught by the block's own tokens, and by what came before it: equal
+            # tokens after another prefix (or at another position) are not the same KV.
+            if block_id is None or self.blocks[block_id].token_ids != tokens \
+                    or self.blocks[block_id].parent_hash != parent:
                 break
             matched.append(block_id)
         self.prefix_queries += max_blocks
@@ -117,6 +124,7 @@ class BlockManager:
                 continue  # an identical block is already published; keep that one
             block.hash = h
             block.token_ids = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+            block.parent_hash = seq.block_hashes[i - 1] if i else None
             self._cached[h] = block.block_id
 
     def _update_hashes(self, seq: Sequence, num_tokens: int) -> None:
@@ -130,6 +138,7 @@ class BlockManager:
             del self._cached[block.hash]
         block.hash = None
         block.token_ids = ()
+        block.parent_hash = None
 
     def reset_prefix_cache(self) -> None:
         for block in self.blocks:

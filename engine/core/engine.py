@@ -65,6 +65,18 @@ class LLMEngine:
                 f"{self.config.max_model_len}"
             )
 
+    def validate_params(self, params: SamplingParams) -> None:
+        """What SamplingParams cannot check alone: values bounded by this model's vocabulary.
+        Caught here, before queuing, since inside a step they would fail the whole batch."""
+        vocab = self.config.hf_config.vocab_size
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > vocab:
+                raise ValueError(f"SamplingParams.{name}={k} is invalid: more than the vocabulary size {vocab}")
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise ValueError(f"SamplingParams.stop_token_ids {bad[:5]} are out of the vocabulary [0, {vocab})")
+
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None,
                     params: SamplingParams) -> None:
         if request_id in self.requests:
@@ -74,6 +86,7 @@ class LLMEngine:
                 raise ValueError("a request needs a prompt or prompt_token_ids")
             prompt_token_ids = self.tokenize(prompt)
         self.validate_prompt(prompt_token_ids)
+        self.validate_params(params)
         seqs = [
             Sequence(next(self._seq_ids), request_id, i, list(prompt_token_ids), params, self._generator(params, i))
             for i in range(params.n)
@@ -122,6 +135,8 @@ class LLMEngine:
                 new_text = self.detokenizer.step(seq)
                 self._check_stop(seq, new_text)
                 if seq.finish_reason is not None:
+                    if not isinstance(seq.stop_reason, str):  # a stop string already cut the text
+                        self.detokenizer.flush(seq)
                     self.scheduler.finish(seq)
                 touched[seq.request_id] = None
         return [self._output(self.requests[r]) for r in touched if r in self.requests]

@@ -73,7 +73,8 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
         sorted_logits, order = logits.sort(dim=1, descending=True)
         probs = sorted_logits.softmax(dim=1)
         mass_before = probs.cumsum(dim=1) - probs
-        drop_sorted = mass_before >= top_p.unsqueeze(1)
+        # Rows with top_p = 1 are left alone: their float32 cumsum can reach 1 before the tail.
+        drop_sorted = (mass_before >= top_p.unsqueeze(1)) & (top_p < 1).unsqueeze(1)
         drop_sorted[:, 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))

@@ -131,3 +131,10 @@ def _register_docs(commands) -> None:
     from harness.docs import register_docs_cli
 
     register_docs_cli(commands)
+
+
+@subcommand("serve")
+def _register_serve(commands) -> None:
+    from engine.entrypoints.cli import add_serve_parser
+
+    add_serve_parser(commands)

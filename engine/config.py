@@ -8,6 +8,7 @@ import torch
 from transformers import PretrainedConfig
 
 from engine.loader import ModelSource, load_hf_config, resolve_model
+from engine.models.registry import check_model_impl
 
 _DTYPES = {
     "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
@@ -37,6 +38,7 @@ class EngineConfig:
     trust_remote_code: bool
     revision: str | None
     device: torch.device
+    model_impl: str = "auto"  # auto | native | transformers, resolved against the architecture when the model loads
 
     @classmethod
     def create(
@@ -45,7 +47,9 @@ class EngineConfig:
         kv_cache_memory_bytes: int | None = None, max_num_seqs: int = 256,
         max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = False,
         hf_overrides: dict[str, Any] | None = None, trust_remote_code: bool = False, revision: str | None = None,
+        model_impl: str = "auto",
     ) -> "EngineConfig":
+        check_model_impl(model_impl)
         if task == "auto":
             task = "generate"
         if task not in SUPPORTED_TASKS:
@@ -75,7 +79,7 @@ class EngineConfig:
             dtype=torch_dtype, seed=seed, max_model_len=max_len, block_size=block_size,
             num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=batched,
             enable_prefix_caching=enable_prefix_caching, trust_remote_code=trust_remote_code,
-            revision=revision, device=torch.device("cpu"),
+            revision=revision, device=torch.device("cpu"), model_impl=model_impl,
         )
 
 

@@ -35,13 +35,14 @@ class LLM:
         hf_overrides: dict[str, Any] | Callable | None = None,
         trust_remote_code: bool = False,
         revision: str | None = None,
+        model_impl: str = "auto",
     ):
         config = EngineConfig.create(
             model=model, tokenizer=tokenizer, task=task, dtype=dtype, seed=seed, max_model_len=max_model_len,
             block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_memory_bytes=kv_cache_memory_bytes,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             enable_prefix_caching=enable_prefix_caching, hf_overrides=hf_overrides,
-            trust_remote_code=trust_remote_code, revision=revision,
+            trust_remote_code=trust_remote_code, revision=revision, model_impl=model_impl,
         )
         self.llm_engine = LLMEngine(config)
         self._request_ids = itertools.count()

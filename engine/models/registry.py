@@ -25,6 +25,11 @@ _NATIVE: dict[str, ModelImpl] = {
 }
 
 
+# How LLM(model_impl=...) chooses: "auto" takes the native implementation when there is one,
+# else the Transformers backend (engine/models/transformers_backend.py).
+MODEL_IMPLS = ("auto", "native", "transformers")
+
+
 class UnsupportedArchitectureError(ValueError):
     pass
 
@@ -41,4 +46,25 @@ def get_model_impl(architectures: list[str] | None) -> tuple[str, ModelImpl]:
     raise UnsupportedArchitectureError(
         f"architecture {architectures!r} is not supported by the engine; "
         f"supported: {', '.join(supported_architectures())}"
+    )
+
+
+def check_model_impl(model_impl: str) -> None:
+    if model_impl not in MODEL_IMPLS:
+        raise ValueError(f"model_impl={model_impl!r} is invalid; use one of {', '.join(MODEL_IMPLS)}")
+
+
+def resolve_model_impl(architectures: list[str] | None, model_impl: str) -> str:
+    """Which implementation runs the model: "native" or "transformers"."""
+    check_model_impl(model_impl)
+    if model_impl == "transformers":
+        return "transformers"
+    if any(arch in _NATIVE for arch in architectures or []):
+        return "native"
+    if model_impl == "auto":
+        return "transformers"
+    raise UnsupportedArchitectureError(
+        f"architecture {architectures!r} has no native implementation in the engine (native: "
+        f"{', '.join(supported_architectures())}); model_impl='transformers' or 'auto' runs it through the "
+        f"Transformers backend"
     )

@@ -13,7 +13,7 @@ from engine.core.scheduler import ScheduledSeq
 from engine.layers.attention import Attention, AttentionMetadata, PrefillChunk
 from engine.layers.sampler import SamplerOutput, SamplingBatch, sample
 from engine.loader import iter_weights
-from engine.models.registry import get_model_impl
+from engine.models.registry import get_model_impl, resolve_model_impl
 
 
 @dataclass
@@ -31,6 +31,11 @@ class StepResult:
 
 
 def load_model(config: EngineConfig) -> nn.Module:
+    if resolve_model_impl(config.hf_config.architectures, config.model_impl) == "transformers":
+        # Imported here: only this path needs the backend (and registers its attention function).
+        from engine.models.transformers_backend import load_transformers_model
+
+        return load_transformers_model(config)
     _, impl = get_model_impl(config.hf_config.architectures)
     with torch.device(config.device):
         model = impl.load_class()(config.hf_config)

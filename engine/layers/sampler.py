@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import ops
+
 
 @dataclass
 class SamplingBatch:
@@ -64,20 +66,7 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
     Top-k keeps every token tied with the k-th largest logit; top-p keeps the smallest set of
     most likely tokens whose probability reaches p (always at least the top one).
     """
-    vocab = logits.shape[1]
-    if bool((top_k > 0).any()):
-        k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
-        kth = logits.topk(int(k.max()), dim=1).values.gather(1, (k - 1).view(-1, 1))
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if bool((top_p < 1).any()):
-        sorted_logits, order = logits.sort(dim=1, descending=True)
-        probs = sorted_logits.softmax(dim=1)
-        mass_before = probs.cumsum(dim=1) - probs
-        # Rows with top_p = 1 are left alone: their float32 cumsum can reach 1 before the tail.
-        drop_sorted = (mass_before >= top_p.unsqueeze(1)) & (top_p < 1).unsqueeze(1)
-        drop_sorted[:, 0] = False
-        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+    logits = ops.top_k_top_p(logits, top_k, top_p)
     if bool((min_p > 0).any()):
         probs = logits.softmax(dim=1)
         threshold = min_p.unsqueeze(1) * probs.max(dim=1, keepdim=True).values

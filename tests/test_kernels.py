@@ -1,0 +1,419 @@
+"""The Triton kernels against their torch references, the references against a naive oracle,
+and the dispatch in kernels.ops.
+
+Where the kernel tests run: without a GPU, Triton runs only through its interpreter, and
+whether it interprets is fixed when triton is first imported (its own tl.sum, tl.max... are
+built then). torch imports triton as a side effect (torch._dynamo), so setting
+TRITON_INTERPRET inside a running pytest is unreliable. The `test_triton_*` tests therefore
+run in-process only when TRITON_INTERPRET=1 was in the environment at start (or on a GPU,
+compiled); in any other run they are skipped here and
+`test_kernels_in_interpreter_subprocess` runs them in a child pytest started with
+TRITON_INTERPRET=1, failing with the child's report if any of them fails.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine.layers.attention import Attention, AttentionMetadata, PrefillChunk, get_alibi_slopes
+from kernels import ops
+from kernels import reference as ref
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+HAVE_TRITON = ops.triton_available()
+KERNELS_RUN_HERE = HAVE_TRITON and (INTERPRETED or torch.cuda.is_available())
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
+
+triton_kernel = pytest.mark.skipif(
+    not KERNELS_RUN_HERE,
+    reason="triton is not installed" if not HAVE_TRITON else
+    "no GPU and TRITON_INTERPRET=1 was not set at process start: "
+    "test_kernels_in_interpreter_subprocess runs these in a child that has it",
+)
+# Few examples per kernel: the interpreter is slow and this file is in the default test run.
+kernel_settings = settings(max_examples=12, deadline=None)
+
+HEAD_DIMS = st.sampled_from([16, 32, 64])
+BLOCK_SIZES = st.sampled_from([4, 8, 16])
+GQA = st.sampled_from([1, 2, 4])
+WINDOWS = st.none() | st.integers(1, 8)
+SOFT_CAPS = st.none() | st.floats(5.0, 50.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # Tiny tensors: extra intra-op threads only contend with other test processes.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tk():
+    """kernels.triton: interpreted in the child process, compiled on a GPU."""
+    return ops.triton_kernels()
+
+
+def _randn(*shape: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen).to(dtype=dtype, device=DEVICE)
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(actual.float(), expected.float(), atol=tol, rtol=tol)
+
+
+# ---------------------------------------------------------------- paged attention fixtures
+
+
+def _paged_cache(context_lens: list[int], block_size: int, num_kv_heads: int, head_dim: int, seed: int,
+                 dtype: torch.dtype = torch.float32):
+    """A random cache with each sequence's blocks scattered over it, and the padded block tables."""
+    needed = [-(-n // block_size) for n in context_lens]
+    num_blocks = sum(needed) + 2  # spare blocks: unread garbage a bug would pick up
+    k_cache = _randn(num_blocks, block_size, num_kv_heads, head_dim, seed=seed, dtype=dtype)
+    v_cache = _randn(num_blocks, block_size, num_kv_heads, head_dim, seed=seed + 1, dtype=dtype)
+    order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
+    tables, width, used = [], max(needed), 0
+    for n in needed:
+        tables.append(order[used:used + n] + [0] * (width - n))
+        used += n
+    return k_cache, v_cache, torch.tensor(tables, dtype=torch.long, device=DEVICE)
+
+
+def _slopes(alibi: bool, num_heads: int) -> torch.Tensor | None:
+    return get_alibi_slopes(num_heads).to(DEVICE) if alibi else None
+
+
+def _naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: list[int], scale: float,
+                     window: int | None, soft_cap: float | None, slopes: torch.Tensor | None) -> torch.Tensor:
+    """The oracle: one query row, one head at a time, straight from the definitions."""
+    group = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    for row, pos in enumerate(q_pos):
+        keys = [j for j in range(pos + 1) if window is None or j > pos - window]
+        for h in range(q.shape[1]):
+            s = torch.stack([(q[row, h] @ k[j, h // group]) * scale for j in keys])
+            if soft_cap is not None:
+                s = soft_cap * torch.tanh(s / soft_cap)
+            if slopes is not None:
+                s = s + slopes[h] * torch.tensor([j - pos for j in keys], dtype=s.dtype)
+            out[row, h] = torch.softmax(s, 0) @ v[keys, h // group]
+    return out
+
+
+@st.composite
+def attention_options(draw) -> dict:
+    return dict(sliding_window=draw(WINDOWS), soft_cap=draw(SOFT_CAPS), alibi=draw(st.booleans()))
+
+
+@st.composite
+def decode_case(draw) -> dict:
+    return dict(context_lens=draw(st.lists(st.integers(1, 40), min_size=1, max_size=4)),
+                num_kv_heads=draw(st.integers(1, 4)), group=draw(GQA), head_dim=draw(HEAD_DIMS),
+                block_size=draw(BLOCK_SIZES), seed=draw(st.integers(0, 2**16)), **draw(attention_options()))
+
+
+@st.composite
+def prefill_case(draw) -> dict:
+    # Each chunk: (tokens already cached, new tokens); a cached prefix makes it a chunked prefill.
+    chunks = draw(st.lists(st.tuples(st.integers(0, 40), st.integers(1, 40)), min_size=1, max_size=3))
+    return dict(chunks=chunks, num_kv_heads=draw(st.integers(1, 4)), group=draw(GQA), head_dim=draw(HEAD_DIMS),
+                block_size=draw(BLOCK_SIZES), seed=draw(st.integers(0, 2**16)), **draw(attention_options()))
+
+
+def _decode_inputs(c: dict, dtype: torch.dtype = torch.float32):
+    num_heads = c["num_kv_heads"] * c["group"]
+    k_cache, v_cache, tables = _paged_cache(c["context_lens"], c["block_size"], c["num_kv_heads"], c["head_dim"],
+                                            c["seed"], dtype)
+    q = _randn(len(c["context_lens"]), num_heads, c["head_dim"], seed=c["seed"] + 2, dtype=dtype)
+    lens = torch.tensor(c["context_lens"], dtype=torch.long, device=DEVICE)
+    options = dict(sliding_window=c["sliding_window"], soft_cap=c["soft_cap"],
+                   alibi_slopes=_slopes(c["alibi"], num_heads))
+    return (q, k_cache, v_cache, tables, lens, c["head_dim"] ** -0.5), options
+
+
+def _prefill_inputs(c: dict, dtype: torch.dtype = torch.float32):
+    num_heads = c["num_kv_heads"] * c["group"]
+    computed = [p for p, _ in c["chunks"]]
+    lens = [n for _, n in c["chunks"]]
+    k_cache, v_cache, tables = _paged_cache([p + n for p, n in c["chunks"]], c["block_size"], c["num_kv_heads"],
+                                            c["head_dim"], c["seed"], dtype)
+    q = _randn(sum(lens), num_heads, c["head_dim"], seed=c["seed"] + 2, dtype=dtype)
+    starts = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.long, device=DEVICE)
+    options = dict(sliding_window=c["sliding_window"], soft_cap=c["soft_cap"],
+                   alibi_slopes=_slopes(c["alibi"], num_heads))
+    args = (q, k_cache, v_cache, starts, torch.tensor(computed, dtype=torch.long, device=DEVICE), tables)
+    return args, max(lens), c["head_dim"] ** -0.5, options
+
+
+# ---------------------------------------------------------------- references vs the oracle (torch only)
+
+
+@settings(max_examples=25, deadline=None)
+@given(decode_case())
+def test_reference_decode_matches_naive_attention(c: dict) -> None:
+    (q, k_cache, v_cache, tables, lens, scale), options = _decode_inputs(c)
+    out = ref.decode_attention(q, k_cache, v_cache, tables, lens, scale, **options)
+    for i, n in enumerate(c["context_lens"]):
+        k, v = ref.gather_kv(k_cache, v_cache, tables[i], n)
+        expected = _naive_attention(q[i:i + 1], k, v, [n - 1], scale, options["sliding_window"],
+                                    options["soft_cap"], options["alibi_slopes"])
+        _close(out[i:i + 1], expected)
+
+
+@settings(max_examples=25, deadline=None)
+@given(prefill_case())
+def test_reference_prefill_matches_naive_attention(c: dict) -> None:
+    args, _, scale, options = _prefill_inputs(c)
+    q, k_cache, v_cache, starts, computed, tables = args
+    out = ref.prefill_attention(*args, scale, **options)
+    for i, (cached, n) in enumerate(c["chunks"]):
+        s, e = starts[i], starts[i + 1]
+        k, v = ref.gather_kv(k_cache, v_cache, tables[i], cached + n)
+        expected = _naive_attention(q[s:e], k, v, list(range(cached, cached + n)), scale,
+                                    options["sliding_window"], options["soft_cap"], options["alibi_slopes"])
+        _close(out[s:e], expected)
+
+
+@pytest.mark.parametrize("num_heads", [1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 40])
+def test_alibi_slopes_match_transformers(num_heads: int) -> None:
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    # BLOOM's bias for key j is slope * j: its slopes are the bias at key 1.
+    hf = build_alibi_tensor(torch.ones(1, 2), num_heads, torch.float32)[:, 0, 1]
+    torch.testing.assert_close(get_alibi_slopes(num_heads), hf)
+
+
+def test_attention_rejects_wrong_alibi_shape() -> None:
+    with pytest.raises(ValueError, match="alibi_slopes"):
+        Attention(4, 16, 0.25, 2, alibi_slopes=torch.ones(3))
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+def test_dispatch_uses_the_reference_for_cpu_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LITMUS_KERNELS", raising=False)
+    assert ops.backend(torch.zeros(1)) == "torch"
+
+
+@pytest.mark.parametrize("forced", ["torch", "triton", " Triton "])
+def test_dispatch_can_be_forced(monkeypatch: pytest.MonkeyPatch, forced: str) -> None:
+    monkeypatch.setenv("LITMUS_KERNELS", forced)
+    assert ops.backend(torch.zeros(1)) == forced.strip().lower()
+
+
+def test_dispatch_rejects_unknown_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LITMUS_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="LITMUS_KERNELS"):
+        ops.backend(torch.zeros(1))
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(KERNELS_RUN_HERE, reason="the test_triton_* tests run directly in this process")
+def test_kernels_in_interpreter_subprocess() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env.pop("LITMUS_KERNELS", None)
+    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "test_triton_"]
+    proc = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          timeout=840)
+    report = proc.stdout[-8000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, report
+    assert " passed" in proc.stdout and " skipped" not in proc.stdout, report
+
+
+# ---------------------------------------------------------------- Triton kernels vs references
+
+
+@triton_kernel
+@kernel_settings
+@given(num_tokens=st.integers(1, 40), num_kv_heads=st.integers(1, 4), head_dim=HEAD_DIMS, block_size=BLOCK_SIZES,
+       seed=st.integers(0, 2**16))
+def test_triton_write_kv_cache(tk, num_tokens: int, num_kv_heads: int, head_dim: int, block_size: int,
+                               seed: int) -> None:
+    num_blocks = -(-num_tokens // block_size) + 3
+    # k and v as the engine has them: column slices of one fused projection output.
+    kv = _randn(num_tokens, 3 * num_kv_heads * head_dim, seed=seed)
+    k = kv[:, :num_kv_heads * head_dim].view(num_tokens, num_kv_heads, head_dim)
+    v = kv[:, num_kv_heads * head_dim:2 * num_kv_heads * head_dim].view(num_tokens, num_kv_heads, head_dim)
+    slots = torch.randperm(num_blocks * block_size, generator=torch.Generator().manual_seed(seed))[:num_tokens]
+    slots = slots.to(DEVICE)
+    caches = [_randn(num_blocks, block_size, num_kv_heads, head_dim, seed=seed + i) for i in (1, 2)]
+    expected = [c.clone() for c in caches]
+    tk.write_kv_cache(k, v, *caches, slots)
+    ref.write_kv_cache(k, v, *expected, slots)
+    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+
+
+@triton_kernel
+@kernel_settings
+@given(decode_case(), st.sampled_from([torch.float32, torch.float16]))
+def test_triton_decode_attention(tk, c: dict, dtype: torch.dtype) -> None:
+    args, options = _decode_inputs(c, dtype)
+    _close(tk.decode_attention(*args, **options), ref.decode_attention(*args, **options), dtype)
+
+
+@triton_kernel
+@kernel_settings
+@given(prefill_case(), st.sampled_from([torch.float32, torch.float16]))
+def test_triton_prefill_attention(tk, c: dict, dtype: torch.dtype) -> None:
+    args, max_query_len, scale, options = _prefill_inputs(c, dtype)
+    expected = ref.prefill_attention(*args, scale, **options)
+    _close(tk.prefill_attention(*args, max_query_len, scale, **options), expected, dtype)
+
+
+@triton_kernel
+@kernel_settings
+@given(rows=st.integers(1, 8), hidden=st.integers(1, 200), residual=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 2**16))
+def test_triton_rms_norm(tk, rows: int, hidden: int, residual: bool, dtype: torch.dtype, seed: int) -> None:
+    x = _randn(rows, hidden, seed=seed, dtype=dtype)
+    weight = _randn(hidden, seed=seed + 1, dtype=dtype)
+    res = _randn(rows, hidden, seed=seed + 2, dtype=dtype) if residual else None
+    got, expected = tk.rms_norm(x, weight, 1e-6, res), ref.rms_norm(x, weight, 1e-6, res)
+    if residual:
+        _close(got[0], expected[0], dtype)
+        assert torch.equal(got[1], expected[1])  # the residual sum is one rounding on both sides
+    else:
+        _close(got, expected, dtype)
+
+
+@triton_kernel
+@kernel_settings
+@given(num_tokens=st.integers(1, 40), num_heads=st.integers(1, 4), num_kv_heads=st.integers(1, 4),
+       head_dim=HEAD_DIMS, rotary_fraction=st.sampled_from([1, 2, 4]), neox=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_triton_rotary_embedding(tk, num_tokens: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                                 rotary_fraction: int, neox: bool, seed: int) -> None:
+    rotary_dim = head_dim // rotary_fraction  # partial rotary: the other features pass through
+    max_position = 64
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
+    freqs = torch.outer(torch.arange(max_position).float(), inv_freq)
+    cos, sin = freqs.cos().to(DEVICE), freqs.sin().to(DEVICE)
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    # q and k as the engine has them: column slices of one fused qkv output.
+    qkv = _randn(num_tokens, q_size + 2 * kv_size, seed=seed)
+    q, k = qkv[:, :q_size], qkv[:, q_size:q_size + kv_size]
+    positions = torch.randint(0, max_position, (num_tokens,), generator=torch.Generator().manual_seed(seed))
+    positions = positions.to(DEVICE)
+    got = tk.rotary_embedding(positions, q, k, cos, sin, head_dim, neox)
+    expected = ref.rotary_embedding(positions, q, k, cos, sin, head_dim, neox)
+    for g, e in zip(got, expected):
+        _close(g, e)
+
+
+@triton_kernel
+@kernel_settings
+@given(rows=st.integers(1, 8), d=st.integers(1, 300), act=st.sampled_from(["silu", "gelu", "gelu_tanh"]),
+       dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 2**16))
+def test_triton_gated_activations(tk, rows: int, d: int, act: str, dtype: torch.dtype, seed: int) -> None:
+    x = 3 * _randn(rows, 2 * d, seed=seed, dtype=dtype)
+    if act == "silu":
+        got, expected = tk.silu_and_mul(x), ref.silu_and_mul(x)
+    else:
+        approximate = "tanh" if act == "gelu_tanh" else "none"
+        got, expected = tk.gelu_and_mul(x, approximate), ref.gelu_and_mul(x, approximate)
+    _close(got, expected, dtype)
+
+
+@st.composite
+def sampling_rows(draw, ties: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows, vocab = draw(st.integers(1, 4)), draw(st.integers(1, 300))
+    seed = draw(st.integers(0, 2**16))
+    logits = _randn(rows, vocab, seed=seed) * 3
+    if ties:  # few distinct values, so the k-th largest is usually tied; a few banned tokens
+        logits = logits.round()
+        logits[torch.rand(rows, vocab, generator=torch.Generator().manual_seed(seed)).to(DEVICE) < 0.1] = -math.inf
+    top_k = torch.tensor(draw(st.lists(st.integers(0, vocab + 2), min_size=rows, max_size=rows)), device=DEVICE)
+    p = st.just(1.0) if ties else st.just(1.0) | st.floats(0.01, 0.999)
+    top_p = torch.tensor(draw(st.lists(p, min_size=rows, max_size=rows)), dtype=torch.float32, device=DEVICE)
+    return logits, top_k, top_p
+
+
+@triton_kernel
+@kernel_settings
+@given(sampling_rows(ties=True))
+def test_triton_top_k_keeps_ties_exactly(tk, case) -> None:
+    logits, top_k, top_p = case
+    assert torch.equal(tk.top_k_top_p(logits, top_k, top_p), ref.top_k_top_p(logits, top_k, top_p))
+
+
+@triton_kernel
+@kernel_settings
+@given(sampling_rows(ties=False))
+def test_triton_top_k_top_p(tk, case) -> None:
+    logits, top_k, top_p = case
+    got, expected = tk.top_k_top_p(logits, top_k, top_p), ref.top_k_top_p(logits, top_k, top_p)
+    kept_got, kept_expected = got > -math.inf, expected > -math.inf
+    assert torch.equal(got[kept_got], logits[kept_got])
+    # The kernel sums probabilities in another order than the reference's sorted cumsum, so a
+    # token whose mass-before lies within float error of p may go either way; nothing else may.
+    after_k = ref.top_k_top_p(logits, top_k, torch.ones_like(top_p))
+    probs = after_k.softmax(dim=1)
+    mass_before = torch.stack([(probs[r] * (after_k[r] > after_k[r][:, None])).sum(1) for r in range(len(probs))])
+    ambiguous = (mass_before - top_p[:, None]).abs() < 1e-5
+    assert torch.equal(kept_got | ambiguous, kept_expected | ambiguous)
+
+
+@triton_kernel
+# monkeypatch is function-scoped, but each example sets the variable it reads afresh.
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, 20), st.just(1) | st.integers(1, 12)), min_size=1, max_size=4),
+       attention_options(),
+       BLOCK_SIZES, st.integers(0, 2**16))
+def test_triton_attention_layer_matches_torch(tk, monkeypatch: pytest.MonkeyPatch, seqs, options: dict,
+                                              block_size: int, seed: int) -> None:
+    """The engine's Attention layer over a batch mixing decodes and prefill chunks in any order:
+    the same output and cache with LITMUS_KERNELS=triton as with torch."""
+    num_heads, num_kv_heads, head_dim = 4, 2, 16
+    layer = Attention(num_heads, head_dim, head_dim ** -0.5, num_kv_heads, sliding_window=options["sliding_window"],
+                      logits_soft_cap=options["soft_cap"], alibi_slopes=_slopes(options["alibi"], num_heads))
+    # A sequence with a 1-token step after a cached prefix is a decode, any other a prefill chunk.
+    meta = _metadata(seqs, block_size)
+    num_tokens = sum(n for _, n in seqs)
+    q = _randn(num_tokens, num_heads * head_dim, seed=seed)
+    k, v = (_randn(num_tokens, num_kv_heads * head_dim, seed=seed + i) for i in (1, 2))
+    cache_shape = (sum(-(-(c + n) // block_size) for c, n in seqs), block_size, num_kv_heads, head_dim)
+    results = []
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("LITMUS_KERNELS", backend)
+        layer.k_cache, layer.v_cache = (_randn(*cache_shape, seed=seed + i) for i in (3, 4))
+        results.append((layer(q, k, v, meta), layer.k_cache, layer.v_cache))
+    for got, expected in zip(results[1], results[0]):
+        _close(got, expected)
+
+
+def _metadata(seqs: list[tuple[int, int]], block_size: int) -> AttentionMetadata:
+    slots, prefills, decode_idx, decode_tables, decode_lens = [], [], [], [], []
+    start, next_block = 0, 0
+    for cached, n in seqs:
+        end = cached + n
+        table = list(range(next_block, next_block + -(-end // block_size)))
+        next_block += len(table)
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(cached, end)]
+        if n == 1 and cached > 0:
+            decode_idx.append(start)
+            decode_tables.append(table)
+            decode_lens.append(end)
+        else:
+            prefills.append(PrefillChunk(start, start + n, cached, torch.tensor(table, device=DEVICE)))
+        start += n
+    width = max((len(t) for t in decode_tables), default=0)
+    padded = [t + [0] * (width - len(t)) for t in decode_tables]
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.long, device=DEVICE), prefills=prefills,
+        decode_token_idx=torch.tensor(decode_idx, dtype=torch.long, device=DEVICE),
+        decode_block_tables=torch.tensor(padded, dtype=torch.long, device=DEVICE).view(len(padded), width),
+        decode_context_lens=torch.tensor(decode_lens, dtype=torch.long, device=DEVICE), block_size=block_size,
+    )

@@ -25,6 +25,7 @@ TIER_QUESTIONS = {
     "strict": "is it the same model as in Transformers?",
     "sensibility": "is it a good model?",
     "community": "do users say it works?",
+    "serving": "does it work behind the OpenAI-compatible server?",
 }
 LEGEND = "Status: ✅︎ passed · ❌ failed or errored · ⚠️ skipped (the footnote gives the reason) · — not tested."
 INPUTS_LEGEND = ("Inputs (multimodal tables): T text · I image · V video · A audio; + several items per prompt; "

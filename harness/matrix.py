@@ -25,7 +25,7 @@ from pathlib import Path
 
 from engine.models.metadata import SECTIONS, ArchitectureInfo, get_architecture_info, load_architectures
 from harness.cli import CommandError
-from harness.results import RECORDS_FILE, TIERS, ResultRecord, append_record, environment, read_records
+from harness.results import LEVELS, RECORDS_FILE, TIERS, ResultRecord, append_record, environment, read_records
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUITES_DIR = REPO_ROOT / "suites"
@@ -162,7 +162,7 @@ def aggregate(records: Sequence[ResultRecord]) -> tuple[str, str]:
 def level_of(tiers: dict[str, TierResult]) -> str | None:
     """The highest tier passed with every lower tier passed too (a skip does not count as a pass)."""
     reached = None
-    for tier in TIERS:
+    for tier in LEVELS:
         if tiers[tier].status != "pass":
             break
         reached = tier
@@ -601,15 +601,9 @@ def _missing_records(models: list[str], tiers: list[str], records: list[ResultRe
 
 def _architecture_of(model: str) -> str | None:
     """The zoo spec's or the local config's architecture, without building or loading anything."""
-    from harness.zoo.specs import REGISTRY
+    from harness.zoo import describe
 
-    if model in REGISTRY:
-        return REGISTRY[model].architecture
-    try:
-        config = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return (config.get("architectures") or [None])[0]
+    return describe(model).architecture
 
 
 def _read(results: Path) -> list[ResultRecord]:

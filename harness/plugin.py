@@ -1,19 +1,31 @@
-"""The pytest plugin behind every suite: model selection, runners and the shared prompts.
+"""The pytest plugin behind every suite: model selection, runners, shared prompts, and one
+result record per tier test.
 
 Loaded through the `pytest11` entry point, so it is active in any pytest run of an
 environment where litmus is installed; it must therefore stay cheap to import.
+
+Records: a test carrying a tier marker (smoke, strict, ...) gets one ResultRecord whatever
+its outcome. Where the test runs (an xdist worker, or this process) its identity and metrics
+travel as a user property on each phase report; the process that is not a worker combines
+the setup/call/teardown reports and appends the record, so records are written from one
+place even under `-n`.
 """
 from __future__ import annotations
 
+import functools
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from harness.results import TIERS
+from harness.results import RECORDS_FILE, TIERS, ResultRecord, append_record
 
 if TYPE_CHECKING:
     from harness.runners import EngineRunner, HfRunner
+    from harness.zoo import ModelInfo
 
 # Varied on purpose: short and long, prose and code, lists, digits, non-ASCII, so a
 # tokenizer or position bug shows on at least one of them.
@@ -36,6 +48,27 @@ EXAMPLE_PROMPTS = [
 ]
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+REFERENCES = ("hf", "golden")
+# The user property that carries a test's record notes from where it runs to the writer.
+_PROPERTY = "litmus_record"
+_NOTES = pytest.StashKey["RecordNotes"]()
+
+
+@dataclass
+class RecordNotes:
+    """A tier test's record in the making: identity (overridable by the test through the
+    `litmus_record` fixture, for tests whose subject is not --model) and measured metrics."""
+
+    tier: str
+    check: str
+    model: str
+    architecture: str | None = None
+    task: str | None = None
+    dtype: str = "float32"
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("litmus", "Litmus model checks")
     group.addoption(
@@ -46,6 +79,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="model to check: a zoo name, a local HF directory, or a hub id in the local HF cache "
         "(repeatable; default: the zoo's default model)",
     )
+    group.addoption("--models-file", action="append", default=[], metavar="FILE",
+                    help="file with one model per line (# starts a comment); adds to --model")
+    group.addoption("--zoo", action="store_true", help="check every zoo model (litmus zoo list)")
+    group.addoption("--results-dir", metavar="DIR", default=None,
+                    help=f"directory whose {RECORDS_FILE} receives one result record per tier test "
+                    "(default: $LITMUS_RESULTS_DIR, else .litmus/results under the rootdir)")
+    group.addoption("--dtype", choices=DTYPES, default="auto",
+                    help="dtype of both the engine and the reference (auto: float32 on CPU)")
+    group.addoption("--reference", choices=REFERENCES, default="hf",
+                    help="strict tier reference: run Transformers (hf) or read golden/ files (golden)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -57,10 +100,19 @@ def pytest_configure(config: pytest.Config) -> None:
     holder = ModuleType("litmus_models")
     holder.model = pytest.fixture(scope="session", params=models, ids=models, name="model")(_param)
     config.pluginmanager.register(holder, "litmus-models")
+    if not hasattr(config, "workerinput"):
+        config.pluginmanager.register(RecordWriter(results_dir(config), models), "litmus-records")
 
 
 def selected_models(config: pytest.Config) -> list[str]:
-    if given := config.getoption("--model"):
+    given = list(config.getoption("--model"))
+    for file in config.getoption("--models-file"):
+        given += read_models_file(Path(file))
+    if config.getoption("--zoo"):
+        from harness.zoo import list_specs
+
+        given += [spec.name for spec in list_specs()]
+    if given:
         # A model named twice would only be checked twice.
         return list(dict.fromkeys(given))
     from harness.zoo import DEFAULT_MODEL
@@ -68,29 +120,234 @@ def selected_models(config: pytest.Config) -> list[str]:
     return [DEFAULT_MODEL]
 
 
+def read_models_file(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise pytest.UsageError(f"--models-file {path}: {exc.strerror or exc}") from None
+    models = [line.split("#", 1)[0].strip() for line in lines]
+    return [m for m in models if m]
+
+
+def results_dir(config: pytest.Config) -> Path:
+    given = config.getoption("--results-dir") or os.environ.get("LITMUS_RESULTS_DIR")
+    return Path(given) if given else Path(config.rootpath) / ".litmus" / "results"
+
+
+def resolved_dtype(config: pytest.Config) -> str:
+    dtype = config.getoption("--dtype")
+    if dtype != "auto":
+        return dtype
+    # The engine's "auto" is float32 off-GPU, and this machine class has no GPU for bf16 weights.
+    return "float32"
+
+
 def _param(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        model = _model_param(item)
+        # With `--dist loadgroup` every test of one model runs in one worker, which loads the
+        # model once and confines a crash to that model's records.
+        if model is not None:
+            item.add_marker(pytest.mark.xdist_group(model))
+
+
+def _model_param(item: pytest.Item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("model") if callspec is not None else None
+
+
+def _tier_of(item: pytest.Item) -> str | None:
+    tiers = [tier for tier in TIERS if item.get_closest_marker(tier) is not None]
+    if len(tiers) > 1:
+        raise pytest.UsageError(f"{item.nodeid} is marked with several tiers {tiers}; a check belongs to one")
+    return tiers[0] if tiers else None
+
+
+def _notes(item: pytest.Item) -> RecordNotes | None:
+    if _NOTES not in item.stash:
+        tier = _tier_of(item)
+        if tier is None:
+            return None
+        model = _model_param(item)
+        callspec = getattr(item, "callspec", None)
+        item.stash[_NOTES] = _new_notes(tier, check_name(item.path.stem, item.originalname, callspec and callspec.id, model),
+                                        model, resolved_dtype(item.config))
+    return item.stash[_NOTES]
+
+
+def _new_notes(tier: str, check: str, model: str | None, dtype: str = "float32") -> RecordNotes:
+    info = _describe(model) if model is not None else None
+    return RecordNotes(tier=tier, check=check, model=model or "-", architecture=info.architecture if info else None,
+                       task=info.task if info else None, dtype=dtype)
+
+
+def check_name(module: str, function: str, param_id: str | None, model: str | None) -> str:
+    """What a record checks: module::function plus the parameter ids other than the model's
+    (the record has its own model field), e.g. `test_generation::test_batches[3]`."""
+    params = param_id or ""
+    if model is not None and model in params:
+        # Ids join with "-", and model names contain "-" too, so the model's id is cut out whole.
+        params = "-".join(part for part in params.replace(model, "\0", 1).split("-") if part and part != "\0")
+    return f"{module}::{function}" + (f"[{params}]" if params else "")
+
+
+@functools.cache
+def _describe(model: str) -> ModelInfo:
+    from harness.zoo import describe
+
+    return describe(model)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+    report = yield
+    notes = _notes(item)
+    if notes is not None:
+        report.user_properties.append((_PROPERTY, asdict(notes)))
+    return report
+
+
+class RecordWriter:
+    """Turns the phase reports of each tier test into its one record (runs where records are
+    written: the xdist controller, or the only process)."""
+
+    def __init__(self, directory: Path, models: list[str]) -> None:
+        self.path = directory / RECORDS_FILE
+        self.models = models
+        self.pending: dict[str, dict[str, Any]] = {}
+        self.written = 0
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        notes = dict(report.user_properties).get(_PROPERTY)
+        if notes is None:
+            return
+        state = self.pending.setdefault(report.nodeid, {"outcome": None, "reason": "", "duration": 0.0})
+        state["duration"] += report.duration
+        state["notes"] = notes
+        outcome, reason = _phase_verdict(report)
+        if outcome is not None and (state["outcome"] in (None, "pass")):
+            state["outcome"], state["reason"] = outcome, reason
+        if report.when == "teardown":
+            self._write(report.nodeid, self.pending.pop(report.nodeid))
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_handlecrashitem(self, crashitem: str, report: pytest.TestReport, sched: Any) -> None:
+        # An xdist worker died inside this test: no teardown report will come for it.
+        state = self.pending.pop(crashitem, None)
+        notes = state["notes"] if state else self._crash_notes(crashitem)
+        if notes is not None:
+            self._write(crashitem, {"notes": notes, "outcome": "error", "duration": state["duration"] if state else 0.0,
+                                    "reason": "the test process crashed (worker died) while running this check"})
+
+    def _write(self, nodeid: str, state: dict[str, Any]) -> None:
+        notes = state["notes"]
+        outcome = state["outcome"] or "error"
+        reason = state["reason"] or ("" if outcome == "pass" else "no verdict was reported for this check")
+        append_record(self.path, ResultRecord(
+            model=notes["model"], architecture=notes["architecture"], task=notes["task"], tier=notes["tier"],
+            check=notes["check"], outcome=outcome, reason=reason, metrics=notes["metrics"],
+            dtype=notes["dtype"], duration_s=round(state["duration"], 3), nodeid=nodeid,
+        ))
+        self.written += 1
+
+    def _crash_notes(self, nodeid: str) -> dict[str, Any] | None:
+        """Notes for a test that crashed before any phase report: its tier is the suite
+        directory it lives in, its model the selected model its id names."""
+        path, _, name = nodeid.partition("::")
+        tier = next((tier for tier in TIERS if tier in Path(path).parts), None)
+        if tier is None:
+            return None
+        function, _, params = name.partition("[")
+        model = max((m for m in self.models if m in params), key=len, default=None)
+        return asdict(_new_notes(tier, check_name(Path(path).stem, function, params.rstrip("]"), model), model))
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.written:
+            terminalreporter.write_line(f"litmus: {self.written} result records appended to {self.path}")
+
+
+def _phase_verdict(report: pytest.TestReport) -> tuple[str | None, str]:
+    """(outcome, reason) a phase report decides, or (None, "") when it leaves the verdict open."""
+    if report.when == "call" and hasattr(report, "wasxfail"):
+        # An expected failure is still a failure of the check; the xfail reason says why it is known.
+        return ("fail", f"known failure: {report.wasxfail}") if report.skipped else ("pass", "")
+    if report.skipped:
+        reason = _skip_reason(report)
+        return ("skip", reason) if reason else ("error", "skipped without a reason")
+    if report.failed:
+        kind = "fail" if report.when == "call" else "error"
+        prefix = "" if report.when == "call" else f"{report.when}: "
+        return kind, prefix + _failure_reason(report)
+    return ("pass", "") if report.when == "call" else (None, "")
+
+
+def _skip_reason(report: pytest.TestReport) -> str:
+    longrepr = report.longrepr
+    text = str(longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else longrepr or "").strip()
+    # pytest words an empty reason as a bare "Skipped".
+    return "" if text == "Skipped" else text.removeprefix("Skipped: ")
+
+
+def _failure_reason(report: pytest.TestReport) -> str:
+    """The exception line of the failure, short enough for a matrix footnote."""
+    crash = getattr(report.longrepr, "reprcrash", None)
+    message = crash.message if crash is not None else str(report.longrepr or "failed")
+    first = message.strip().splitlines()[0] if message.strip() else "failed"
+    return first[:500]
+
+
+@pytest.fixture
+def litmus_record(request: pytest.FixtureRequest) -> RecordNotes:
+    """The running test's record: put measured numbers in .metrics; a test whose subject is
+    not --model sets .model / .architecture / .task."""
+    notes = _notes(request.node)
+    if notes is None:
+        raise pytest.UsageError(f"{request.node.nodeid} uses litmus_record but has no tier marker ({', '.join(TIERS)})")
+    return notes
+
+
 @pytest.fixture(scope="session")
-def model_path(model: str) -> str:
-    from harness.zoo import resolve
+def model_spec(model: str) -> ModelInfo:
+    from harness.zoo import describe
 
-    return resolve(model)
+    return describe(model, build=True)
 
 
 @pytest.fixture(scope="session")
-def hf_runner() -> type[HfRunner]:
+def model_path(model_spec: ModelInfo) -> str:
+    return model_spec.path
+
+
+@pytest.fixture(scope="session")
+def dtype(pytestconfig: pytest.Config) -> str:
+    return resolved_dtype(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def reference(pytestconfig: pytest.Config) -> str:
+    return pytestconfig.getoption("--reference")
+
+
+@pytest.fixture(scope="session")
+def hf_runner(dtype: str) -> type[HfRunner]:
+    """HfRunner with --dtype as its default dtype."""
+    import torch
+
     from harness.runners import HfRunner
 
-    return HfRunner
+    return functools.partial(HfRunner, dtype=getattr(torch, dtype))
 
 
 @pytest.fixture(scope="session")
-def engine_runner() -> type[EngineRunner]:
+def engine_runner(dtype: str) -> type[EngineRunner]:
+    """EngineRunner with --dtype as its default dtype."""
     from harness.runners import EngineRunner
 
-    return EngineRunner
+    return functools.partial(EngineRunner, dtype=dtype)
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ class ZooSpec:
     build: Callable[[Path], dict[str, Any]]
     # A short hash of everything the built files depend on; the cache directory is named by it.
     fingerprint: Callable[[], str]
+    task: str = "generate"
 
 
 class UnknownModelError(KeyError):

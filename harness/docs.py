@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.matrix import DOCS_FILE, LATEST, MATRIX_JSON, Matrix, Row, RunInfo, load_matrix
-from harness.results import TIERS
+# The table shows the support levels, as vLLM's page would; serving is in the matrix report.
+from harness.results import LEVELS
 
 FORMATS = ("markdown", "myst", "html")
 MARKS = {"pass": "✅︎", "fail": "❌", "error": "❌", "skip": "⚠️", "untested": "—"}
@@ -25,7 +26,6 @@ TIER_QUESTIONS = {
     "strict": "is it the same model as in Transformers?",
     "sensibility": "is it a good model?",
     "community": "do users say it works?",
-    "serving": "does it work behind the OpenAI-compatible server?",
 }
 LEGEND = "Status: ✅︎ passed · ❌ failed or errored · ⚠️ skipped (the footnote gives the reason) · — not tested."
 INPUTS_LEGEND = ("Inputs (multimodal tables): T text · I image · V video · A audio; + several items per prompt; "
@@ -68,7 +68,7 @@ class DocRow:
     models: str
     inputs: str
     examples: tuple[str, ...]
-    statuses: tuple[StatusCell, ...]  # in TIERS order
+    statuses: tuple[StatusCell, ...]  # in LEVELS order
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class DocTable:
     @property
     def columns(self) -> list[str]:
         inputs = ["Inputs"] if self.spec.with_inputs else []
-        return ["Architecture", "Models", *inputs, "Example HF Models", *(t.capitalize() for t in TIERS)]
+        return ["Architecture", "Models", *inputs, "Example HF Models", *(t.capitalize() for t in LEVELS)]
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def _grouped(rows: list[Row]) -> list[tuple[TableSpec, list[Row]]]:
 
 def _doc_row(row: Row, notes: dict[str, int]) -> DocRow:
     cells = []
-    for tier in TIERS:
+    for tier in LEVELS:
         result = row.tiers[tier]
         footnote = notes.setdefault(result.reason, len(notes) + 1) if result.status == "skip" else None
         cells.append(StatusCell(result.status, footnote))
@@ -129,7 +129,7 @@ def render(matrix: Matrix, fmt: str) -> str:
 def _render_text(doc: Document, table_lines) -> str:
     lines = ["# Supported Models", "", f"<!-- {GENERATED} -->", "", _provenance(doc.run, "`"), "",
              "Each architecture is checked in four tiers, each a question about a model on the engine:", ""]
-    lines += [f"- **{tier.capitalize()}**: {TIER_QUESTIONS[tier]}" for tier in TIERS]
+    lines += [f"- **{tier.capitalize()}**: {TIER_QUESTIONS[tier]}" for tier in LEVELS]
     lines += ["", LEGEND, "", INPUTS_LEGEND]
     previous: tuple[str, ...] = ()
     for table in doc.tables:
@@ -204,7 +204,7 @@ def render_html_fragment(doc: Document) -> str:
     """The tables, legend and footnotes, without page or title (index.html embeds it)."""
     esc = html.escape
     parts = [f"<!-- {esc(GENERATED)} -->", f"<p>{esc(_provenance(doc.run, ''))}</p>", "<ul>"]
-    parts += [f"<li><b>{tier.capitalize()}</b>: {esc(TIER_QUESTIONS[tier])}</li>" for tier in TIERS]
+    parts += [f"<li><b>{tier.capitalize()}</b>: {esc(TIER_QUESTIONS[tier])}</li>" for tier in LEVELS]
     parts += ["</ul>", f"<p>{esc(LEGEND)}</p>", f"<p>{esc(INPUTS_LEGEND)}</p>"]
     previous: tuple[str, ...] = ()
     for table in doc.tables:

@@ -62,11 +62,11 @@ def test_myst_and_html_have_every_row_once(matrix):
 def test_status_marks_and_deduplicated_numbered_footnotes(matrix):
     text = render(matrix, "markdown")
     llama = markdown_rows(text)[[r.split(" | ")[0] for r in markdown_rows(text)].index("| `LlamaForCausalLM`")]
-    assert llama.endswith(f"| {MARKS['pass']} | ❌ | ⚠️[^1] | — | — |")
+    assert llama.endswith(f"| {MARKS['pass']} | ❌ | ⚠️[^1] | — |")
     mistral = next(r for r in markdown_rows(text) if r.startswith("| `MistralForCausalLM` |"))
-    assert mistral.endswith("| ❌ | — | ⚠️[^1] | — | — |")  # error shows as ❌; the same reason, the same note
+    assert mistral.endswith("| ❌ | — | ⚠️[^1] | — |")  # error shows as ❌; the same reason, the same note
     bert = next(r for r in markdown_rows(text) if r.startswith("| `BertModel` |"))
-    assert bert.endswith("| — | ⚠️[^2] | — | — | — |")
+    assert bert.endswith("| — | ⚠️[^2] | — | — |")
     notes = re.findall(r"^\[\^(\d+)\]: (.*)$", text, flags=re.M)
     assert notes == [("1", "untrained synthetic weights"), ("2", "needs remote code")]
 
@@ -89,7 +89,7 @@ def test_sections_follow_vllms_pages_and_only_multimodal_tables_have_inputs(matr
         "## Other Architectures",
     ]
     headers = [line for line in text.splitlines() if line.startswith("| Architecture |")]
-    assert headers[0] == "| Architecture | Models | Example HF Models | Smoke | Strict | Sensibility | Community | Serving |"
+    assert headers[0] == "| Architecture | Models | Example HF Models | Smoke | Strict | Sensibility | Community |"
     assert [("Inputs" in h) for h in headers] == [False] * 5 + [True] * 2 + [False]
     llava = next(r for r in markdown_rows(text) if r.startswith("| `LlavaForConditionalGeneration` |"))
     assert "| T + IE+ |" in llava

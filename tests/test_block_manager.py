@@ -130,6 +130,8 @@ def test_same_prefix_shares_blocks_with_reference_counts() -> None:
     assert bm.match_prefix(b) == 8
     assert b.block_table == a.block_table[:2]
     assert [bm.blocks[i].ref_count for i in b.block_table] == [2, 2]
+    b.num_cached_tokens = 8
+    bm.count_prefix_lookup(b)
     assert bm.prefix_hits == 2
     used = bm.num_used_blocks
     assert bm.allocate(b, b.num_tokens)
@@ -168,6 +170,7 @@ def test_different_first_block_gives_no_hit_even_if_the_second_matches() -> None
     b = make_seq([5, 6, 7, 8] + second + [9])
     assert bm.match_prefix(b) == 0
     assert b.block_table == []
+    bm.count_prefix_lookup(b)
     assert bm.prefix_hits == 0
     assert bm.prefix_queries == 2
 

@@ -300,3 +300,19 @@ def test_random_workloads_respect_every_limit_and_finish(prompts, budget, max_nu
                 first.setdefault(s.seq_id, i)
         order = sorted(seqs, key=lambda s: first[s.seq_id])
         assert [s.seq_id for s in order] == [s.seq_id for s in seqs]
+
+
+def test_prefix_hits_count_once_when_admission_waits_for_blocks() -> None:
+    # 6 blocks of 4: while `a` decodes, `b` (its first 3 blocks cached from `a`, 3 more needed)
+    # is looked up and refused at every step, and admitted once `a` finishes.
+    sched = make_scheduler(num_blocks=6, caching=True)
+    sim = Sim(sched)
+    a = make_seq(13, max_tokens=8)
+    sim.add(a)
+    sim.step()
+    b = make_seq(24, max_tokens=1)
+    sim.add(b)
+    sim.run()
+    assert b.num_cached_tokens == 12 and len(sim.steps) > 3
+    bm = sched.block_manager
+    assert (bm.prefix_queries, bm.prefix_hits) == ((13 - 1) // 4 + (24 - 1) // 4, 3)

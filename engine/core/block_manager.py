@@ -25,8 +25,9 @@ class Block:
 
 
 def chain_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
-    # Python's tuple-of-int hash is deterministic across processes (no string salting).
-    return hash((parent, token_ids))
+    # A tuple of ints hashes the same in every process (no string salting); hash(None) does
+    # not before Python 3.12, so the first block chains from a constant instead.
+    return hash((0 if parent is None else parent, token_ids))
 
 
 class BlockManager:
@@ -100,8 +101,6 @@ class BlockManager:
                     or self.blocks[block_id].parent_hash != parent:
                 break
             matched.append(block_id)
-        self.prefix_queries += max_blocks
-        self.prefix_hits += len(matched)
         for block_id in matched:
             block = self.blocks[block_id]
             if block.ref_count == 0:
@@ -109,6 +108,12 @@ class BlockManager:
             block.ref_count += 1
         seq.block_table = matched
         return len(matched) * self.block_size
+
+    def count_prefix_lookup(self, seq: Sequence) -> None:
+        """Counts an admitted sequence's prefix-cache lookup once (an admission that fails for
+        lack of blocks is retried, and would otherwise count its hits again)."""
+        self.prefix_queries += (seq.num_tokens - 1) // self.block_size
+        self.prefix_hits += seq.num_cached_tokens // self.block_size
 
     def cache_computed_blocks(self, seq: Sequence) -> None:
         """Publish seq's full, computed blocks so later requests can reuse them."""

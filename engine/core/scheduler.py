@@ -83,7 +83,8 @@ class Scheduler:
         bm = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table and not seq.wants_prompt_logprobs:
+            looked_up = bm.enable_prefix_caching and not seq.block_table and not seq.wants_prompt_logprobs
+            if looked_up:
                 # Prompt logprobs need every position's logits, so such requests skip the cache.
                 seq.num_cached_tokens = bm.match_prefix(seq)
                 seq.num_computed_tokens = seq.num_cached_tokens
@@ -93,6 +94,8 @@ class Scheduler:
                 seq.num_computed_tokens = 0
                 break
             self.waiting.popleft()
+            if looked_up:
+                bm.count_prefix_lookup(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, n))

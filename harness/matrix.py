@@ -742,14 +742,13 @@ def _workers(text: str) -> str:
 def _selected_models(args: argparse.Namespace) -> list[str]:
     if args.models:
         return args.models
+    from harness.zoo import list_specs, read_models_file
+
     if args.models_file:
         try:
-            lines = args.models_file.read_text(encoding="utf-8").splitlines()
+            return read_models_file(args.models_file)
         except OSError as e:
             raise CommandError(f"cannot read {args.models_file}: {e}") from None
-        return [ln.split("#", 1)[0].strip() for ln in lines if ln.split("#", 1)[0].strip()]
-    from harness.zoo import list_specs
-
     return [spec.name for spec in list_specs()]
 
 

@@ -107,7 +107,12 @@ def pytest_configure(config: pytest.Config) -> None:
 def selected_models(config: pytest.Config) -> list[str]:
     given = list(config.getoption("--model"))
     for file in config.getoption("--models-file"):
-        given += read_models_file(Path(file))
+        from harness.zoo import read_models_file
+
+        try:
+            given += read_models_file(Path(file))
+        except OSError as exc:
+            raise pytest.UsageError(f"--models-file {file}: {exc.strerror or exc}") from None
     if config.getoption("--zoo"):
         from harness.zoo import list_specs
 
@@ -118,15 +123,6 @@ def selected_models(config: pytest.Config) -> list[str]:
     from harness.zoo import DEFAULT_MODEL
 
     return [DEFAULT_MODEL]
-
-
-def read_models_file(path: Path) -> list[str]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise pytest.UsageError(f"--models-file {path}: {exc.strerror or exc}") from None
-    models = [line.split("#", 1)[0].strip() for line in lines]
-    return [m for m in models if m]
 
 
 def results_dir(config: pytest.Config) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.plugin import check_name, read_models_file
+from harness.plugin import check_name
 from harness.results import read_records
 
 pytest_plugins = ["pytester"]
@@ -185,6 +185,8 @@ def test_check_name_drops_the_model_id_only(param_id, model, expected) -> None:
 
 
 def test_models_file_comments_and_blanks(tmp_path: Path) -> None:
+    from harness.zoo import read_models_file
+
     path = tmp_path / "models.txt"
     path.write_text("a\n  # b\nc # d\n\n")
     assert read_models_file(path) == ["a", "c"]

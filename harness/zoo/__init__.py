@@ -18,7 +18,7 @@ from harness.zoo.store import build_atomically, cache_dir, is_complete, zoo_dir
 
 __all__ = [
     "DEFAULT_MODEL", "ModelInfo", "UnknownModelError", "ZooSpec", "ZooUnavailableError", "build", "built_path",
-    "cache_dir", "describe", "get_spec", "list_specs", "model_path", "resolve",
+    "cache_dir", "describe", "get_spec", "list_specs", "model_path", "read_models_file", "resolve",
 ]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -106,6 +106,12 @@ def _config_architecture(config_file: Path) -> str | None:
     except (OSError, ValueError):
         return None
     return (config.get("architectures") or [None])[0]
+
+
+def read_models_file(path: Path) -> list[str]:
+    """Models listed one a line; '#' starts a comment. Raises OSError when unreadable."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [model for model in (line.split("#", 1)[0].strip() for line in lines) if model]
 
 
 def build(names: list[str] | None = None, force: bool = False) -> list[Path]:

@@ -13,6 +13,18 @@ _CORPUS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: one intra-op thread is faster, and far faster when other processes share
+    the cores (two spinning threads per process oversubscribe a 2-core machine ~60x)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A seeded 2-layer Llama with a byte-level BPE tokenizer, saved as an HF directory.

@@ -17,14 +17,7 @@ from engine.sampling_params import SamplingParams
 GREEDY = dict(temperature=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster when other processes share
-    the cores (two spinning threads per process oversubscribe a 2-core machine ~60x)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 PROMPTS = [

@@ -21,14 +21,7 @@ from engine.layers.sampler import (
 NEG_INF = float("-inf")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster when other processes share
-    the cores (two spinning threads per process oversubscribe a 2-core machine ~60x)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # Logits with frequent exact ties (small set of values) and arbitrary floats.

@@ -41,13 +41,7 @@ NUM_LOGPROBS = 3
 SQUEEZED = dict(max_model_len=96, block_size=4, num_kv_blocks=24, max_num_batched_tokens=7)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster when other processes share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run_engine(path: Path, **llm_kwargs: Any) -> tuple[list[TokensTextLogprobs], LLM]:

@@ -59,6 +59,7 @@ class EngineConfig:
         hf_config = load_hf_config(
             source, trust_remote_code=trust_remote_code, revision=revision, hf_overrides=hf_overrides
         )
+        _check_has_attention(hf_config)
         max_len = _max_model_len(hf_config, max_model_len)
         torch_dtype = _resolve_dtype(dtype)
         if num_kv_blocks is None:
@@ -101,6 +102,18 @@ def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return _DTYPES[dtype]
     except KeyError:
         raise ValueError(f"dtype={dtype!r} is not supported; use auto, float32, bfloat16 or float16") from None
+
+
+def _check_has_attention(hf_config: PretrainedConfig) -> None:
+    # State-space models (Mamba, FalconMamba) carry a recurrent state per sequence instead of
+    # per-token K/V, which the paged KV cache has no place for.
+    if getattr(hf_config, "num_attention_heads", None) is None:
+        from engine.models.registry import UnsupportedArchitectureError
+
+        raise UnsupportedArchitectureError(
+            f"architecture {hf_config.architectures!r} has no attention layers (a state-space model): its "
+            f"recurrent state does not fit the engine's paged KV cache, so the engine cannot run it"
+        )
 
 
 def _max_model_len(hf_config: PretrainedConfig, requested: int | None) -> int:

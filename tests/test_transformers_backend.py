@@ -122,28 +122,48 @@ def test_transformers_builds_no_attention_mask(monkeypatch: pytest.MonkeyPatch) 
 
 # --- an architecture the engine does not implement natively --------------------------------
 
-def _granite(vocab: dict[str, int]) -> transformers.PretrainedConfig:
-    # attention_multiplier != head_dim ** -0.5 and logits_scaling != 1: the backend must use the
-    # scale the module passes and the logits the model's own head computes.
-    return transformers.GraniteConfig(
+def _arcee(vocab: dict[str, int]) -> transformers.PretrainedConfig:
+    # A non-gated relu^2 MLP and yarn-free plain rope: a Llama cousin the engine has no file for.
+    return transformers.ArceeConfig(
         **vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, embedding_multiplier=4.0, residual_multiplier=0.5,
-        attention_multiplier=0.15, logits_scaling=0.5, initializer_range=0.1, tie_word_embeddings=False,
+        num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1, tie_word_embeddings=False,
     )
 
 
-def _gpt_neox(vocab: dict[str, int]) -> transformers.PretrainedConfig:
-    # Partial rotary, parallel residual, fused per-head qkv with biases.
-    return transformers.GPTNeoXConfig(
-        **vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=256, rotary_pct=0.25, use_parallel_residual=True, initializer_range=0.1,
+def _smollm3(vocab: dict[str, int]) -> transformers.PretrainedConfig:
+    # Every second layer skips rope (NoPE): the module decides, the engine only attends.
+    return transformers.SmolLM3Config(
+        **vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, no_rope_layer_interval=2, initializer_range=0.1,
     )
 
 
-@pytest.fixture(scope="module", params=[_granite, _gpt_neox], ids=["granite", "gpt-neox"])
+def _mixtral(vocab: dict[str, int]) -> transformers.PretrainedConfig:
+    # MoE: the head reads the body's router_logits, which the backend's stand-in body must answer.
+    return transformers.MixtralConfig(
+        **vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, num_local_experts=4, num_experts_per_tok=2,
+        initializer_range=0.1,
+    )
+
+
+def _opt(vocab: dict[str, int]) -> transformers.PretrainedConfig:
+    # The head calls its body's sub-module (model.decoder), not the body itself.
+    return transformers.OPTConfig(
+        **vocab, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=256, word_embed_proj_dim=64, init_std=0.1,
+    )
+
+
+@pytest.fixture(scope="module", params=[_arcee, _smollm3, _mixtral, _opt], ids=["arcee", "smollm3", "mixtral", "opt"])
 def foreign_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A seeded tiny checkpoint of an architecture missing from the engine's registry."""
-    make_config: Callable[[dict[str, int]], transformers.PretrainedConfig] = request.param
+    """A seeded tiny checkpoint of an architecture run through the backend (missing from the
+    engine's registry, or forced with model_impl="transformers")."""
+    return build_tiny(request.param, tmp_path_factory)
+
+
+def build_tiny(make_config: Callable[[dict[str, int]], transformers.PretrainedConfig],
+               tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(zoo.model_path("tiny-llama"))
     config = make_config(dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id))
@@ -157,10 +177,10 @@ def foreign_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
 
 
 def test_foreign_architecture_matches_transformers(foreign_model: Path) -> None:
-    auto, llm = run_engine(foreign_model, max_model_len=256)  # model_impl="auto"
+    auto, llm = run_engine(foreign_model, max_model_len=256, model_impl="transformers")
     assert implementation(llm) is TransformersForCausalLM
     assert_same_greedy(auto, run_hf(foreign_model))
-    squeezed, llm = run_engine(foreign_model, **SQUEEZED)
+    squeezed, llm = run_engine(foreign_model, model_impl="transformers", **SQUEEZED)
     assert llm.llm_engine.scheduler.num_preemptions > 0
     assert_same_greedy(squeezed, auto)
 
@@ -172,9 +192,12 @@ def test_unknown_model_impl_is_rejected() -> None:
         LLM(str(zoo.model_path("tiny-llama")), model_impl="vllm")
 
 
-def test_native_without_a_native_implementation_is_an_error(foreign_model: Path) -> None:
+def test_auto_runs_the_backend_without_a_native_implementation(tmp_path_factory: pytest.TempPathFactory) -> None:
+    path = build_tiny(_arcee, tmp_path_factory)
+    _, llm = run_engine(path, max_model_len=256)
+    assert implementation(llm) is TransformersForCausalLM
     with pytest.raises(UnsupportedArchitectureError, match=r"has no native implementation.*model_impl='transformers'"):
-        LLM(str(foreign_model), model_impl="native", max_model_len=64)
+        LLM(str(path), model_impl="native", max_model_len=64)
 
 
 def _config_only_model(tmp_path: Path, config: dict[str, Any]) -> str:
@@ -184,11 +207,18 @@ def _config_only_model(tmp_path: Path, config: dict[str, Any]) -> str:
 
 @pytest.mark.parametrize("model_impl", ["auto", "transformers"])
 def test_class_without_attention_backend_support_is_named(tmp_path: Path, model_impl: str) -> None:
-    bloom = transformers.BloomConfig(vocab_size=100, hidden_size=32, n_layer=1, n_head=2).to_dict()
-    path = _config_only_model(tmp_path, {**bloom, "architectures": ["BloomForCausalLM"]})
+    codegen = transformers.CodeGenConfig(vocab_size=100, n_embd=32, n_layer=1, n_head=2).to_dict()
+    path = _config_only_model(tmp_path, {**codegen, "architectures": ["CodeGenForCausalLM"]})
     tokenizer = str(zoo.model_path("tiny-llama"))
-    with pytest.raises(UnsupportedArchitectureError, match=r"cannot run BloomForCausalLM.*_supports_attention_backend"):
+    with pytest.raises(UnsupportedArchitectureError, match=r"run CodeGenForCausalLM.*_supports_attention_backend"):
         LLM(path, tokenizer=tokenizer, model_impl=model_impl, max_model_len=64)
+
+
+def test_state_space_model_is_named(tmp_path: Path) -> None:
+    mamba = transformers.MambaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1).to_dict()
+    path = _config_only_model(tmp_path, {**mamba, "architectures": ["MambaForCausalLM"]})
+    with pytest.raises(UnsupportedArchitectureError, match=r"no attention layers \(a state-space model\)"):
+        LLM(path, tokenizer=str(zoo.model_path("tiny-llama")), max_model_len=64)
 
 
 def test_architecture_unknown_to_transformers_is_named(tmp_path: Path) -> None:

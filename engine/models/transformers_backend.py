@@ -156,14 +156,36 @@ def _flat(states: torch.Tensor) -> torch.Tensor:
 
 
 class _PrecomputedBody(nn.Module):
-    """Stands in for an HF model's body (its base model), returning given hidden states."""
+    """Stands in for an HF model's body (its base model), returning given hidden states.
 
-    def __init__(self, hidden: torch.Tensor):
+    Head code may call a sub-module of the body instead (OPT calls model.decoder): any attribute
+    that is a module of the real body is this stand-in too; anything else is the body's own.
+    """
+
+    def __init__(self, hidden: torch.Tensor, body: nn.Module):
         super().__init__()
         self.hidden = hidden
+        object.__setattr__(self, "_body", body)
 
-    def forward(self, *args: Any, **kwargs: Any) -> BaseModelOutputWithPast:
-        return BaseModelOutputWithPast(last_hidden_state=self.hidden)
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            value = getattr(object.__getattribute__(self, "_body"), name)
+            return self if isinstance(value, nn.Module) else value
+
+    def forward(self, *args: Any, **kwargs: Any) -> _BodyOutput:
+        return _BodyOutput(last_hidden_state=self.hidden)
+
+
+class _BodyOutput(BaseModelOutputWithPast):
+    """The body's output as head code reads it: fields other bodies return (MoE models'
+    router_logits, read only to add an auxiliary training loss) are None."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None
 
 
 @contextmanager
@@ -172,7 +194,7 @@ def _body_returning(hf_model: PreTrainedModel, hidden: torch.Tensor) -> Iterator
     # attention would be called without the engine's metadata, and litmus_attention raises.
     prefix = hf_model.base_model_prefix
     body = getattr(hf_model, prefix)
-    setattr(hf_model, prefix, _PrecomputedBody(hidden))
+    setattr(hf_model, prefix, _PrecomputedBody(hidden, body))
     try:
         yield
     finally:

@@ -138,3 +138,10 @@ def _register_serve(commands) -> None:
     from engine.entrypoints.cli import add_serve_parser
 
     add_serve_parser(commands)
+
+
+@subcommand("report")
+def _register_report(commands) -> None:
+    from harness.community import register_report_cli
+
+    register_report_cli(commands)

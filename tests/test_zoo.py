@@ -13,7 +13,19 @@ from harness import zoo
 from harness.cli import main
 from harness.zoo import smollm2, store, synthetic
 
-SYNTHETIC = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"]
+LLAMA_FAMILY = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"]
+SYNTHETIC = LLAMA_FAMILY + [
+    "tiny-gemma", "tiny-gemma2", "tiny-gemma3", "tiny-gpt2", "tiny-gpt-bigcode", "tiny-gpt-neox", "tiny-persimmon",
+    "tiny-granite", "tiny-phi3", "tiny-glm", "tiny-nemotron", "tiny-olmo", "tiny-olmo2", "tiny-starcoder2",
+    "tiny-cohere", "tiny-cohere2", "tiny-phi", "tiny-gptj", "tiny-stablelm", "tiny-opt", "tiny-bloom", "tiny-falcon",
+    "tiny-mpt",
+]
+REAL = ["smollm2-135m-instruct", "gemma3-270m"]
+POOLING = [
+    "all-minilm-l6-v2", "tiny-bert", "tiny-roberta", "tiny-xlm-roberta", "tiny-bert-cross-encoder",
+    "tiny-xlm-roberta-cross-encoder", "tiny-roberta-classifier", "tiny-qwen2-classifier", "tiny-llama-embed",
+    "tiny-mistral-embed", "tiny-qwen2-embed", "tiny-gemma2-embed",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -27,7 +39,7 @@ def _needs_smollm2() -> None:
 
 def test_specs() -> None:
     names = [spec.name for spec in zoo.list_specs()]
-    assert names == ["smollm2-135m-instruct", *SYNTHETIC]
+    assert names == [*REAL, *SYNTHETIC, *POOLING]
     assert zoo.DEFAULT_MODEL in names
     spec = zoo.get_spec("tiny-qwen3")
     assert (spec.architecture, spec.kind, spec.trained) == ("Qwen3ForCausalLM", "synthetic", False)
@@ -38,7 +50,7 @@ def test_specs() -> None:
 def test_unknown_name_lists_known_ones() -> None:
     with pytest.raises(KeyError) as info:
         zoo.get_spec("tiny-gpt5")
-    assert str(info.value) == f"unknown zoo model 'tiny-gpt5'; known: smollm2-135m-instruct, {', '.join(SYNTHETIC)}"
+    assert str(info.value) == f"unknown zoo model 'tiny-gpt5'; known: {', '.join(REAL + SYNTHETIC + POOLING)}"
 
 
 def test_resolve_passes_non_zoo_strings_through() -> None:
@@ -161,12 +173,14 @@ def test_synthetic_model_is_decisive_and_uses_context(name: str) -> None:
     # Not a model that just repeats its input token, which would hide attention bugs.
     assert (logits.argmax(-1) == ids[0]).float().mean() < 0.5
     assert last_after_shuffle.argmax() != logits[-1].argmax()
-    norms = [p for n, p in model.named_parameters() if n.endswith("norm.weight")]
-    assert norms and not any(torch.all(p == 1) for p in norms)
+    norms = [p for n, p in model.named_parameters() if synthetic.is_norm_weight(n)]
+    # OLMo's LayerNorms have no parameters at all.
+    assert norms or name == "tiny-olmo"
+    assert not any(torch.all(p == 1) for p in norms)
 
 
 def test_synthetic_configs_cover_the_features() -> None:
-    configs = {name: _load(name)[0].config for name in SYNTHETIC}
+    configs = {name: _load(name)[0].config for name in LLAMA_FAMILY}
     assert configs["tiny-llama"].rope_parameters["rope_type"] == "llama3"
     assert configs["tiny-mistral"].sliding_window == 32
     qwen3 = configs["tiny-qwen3"]

@@ -13,6 +13,8 @@ _ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
+    # Squared ReLU (Persimmon, Nemotron).
+    "relu2": lambda x: F.relu(x).square(),
 }
 
 

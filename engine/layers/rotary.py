@@ -60,3 +60,9 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q/k [T, heads * head_dim] -> rotated copies."""
         return ops.rotary_embedding(positions, q, k, self.cos, self.sin, self.head_dim, self.is_neox_style)
+
+
+def get_rope(head_dim: int, max_position: int, params: dict[str, Any], is_neox_style: bool = True) -> RotaryEmbedding:
+    """Rope over the first int(head_dim * partial_rotary_factor) features of each head."""
+    rotary_dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+    return RotaryEmbedding(head_dim, rotary_dim, max_position, params, is_neox_style)

@@ -31,19 +31,27 @@ def load_weights(
     weights: Iterable[tuple[str, torch.Tensor]],
     packed: Iterable[Packed] = (),
     skip: tuple[str, ...] = (),
+    renames: Iterable[tuple[str, str]] = (),
+    transposed: tuple[str, ...] = (),
 ) -> None:
     """Copy every checkpoint tensor into its parameter; error on a missing or misshapen one.
 
     Tensors whose name contains one of `skip` are ignored (e.g. a tied lm_head); tensors with
-    no parameter (buffers such as rotary inv_freq) are ignored too.
+    no parameter (buffers such as rotary inv_freq) are ignored too. `renames` are (checkpoint
+    substring, engine substring) pairs, for a variant whose checkpoint names its modules
+    differently from the family's implementation; errors still name the checkpoint's tensors.
+    Tensors whose name ends with one of `transposed` are stored [in, out] (GPT-2's Conv1D) and
+    are transposed into their parameter.
     """
     packed = list(packed)
+    renames = list(renames)
     params = dict(model.named_parameters())
-    expected = {n for name in params for n in _checkpoint_names(name, packed)}
+    expected = {_rename(n, renames, reverse=True) for name in params for n in _checkpoint_names(name, packed)}
     loaded: set[str] = set()
-    for name, tensor in weights:
-        if any(s in name for s in skip):
+    for checkpoint_name, tensor in weights:
+        if any(s in checkpoint_name for s in skip):
             continue
+        name = _rename(checkpoint_name, renames)
         target, shard = _target(name, packed)
         param = params.get(target)
         if param is None:
@@ -52,17 +60,25 @@ def load_weights(
         if shard is not None:
             sizes = param.shard_sizes
             dest = dest.narrow(0, sum(sizes[:shard]), sizes[shard])
+        if checkpoint_name.endswith(transposed):
+            dest = dest.t()
         if tuple(dest.shape) != tuple(tensor.shape):
             raise WeightsError(
-                f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                f"checkpoint tensor {checkpoint_name!r} has shape {tuple(tensor.shape)}, "
                 f"but the model expects {tuple(dest.shape)} (parameter {target!r})"
             )
         dest.copy_(tensor.to(dest.dtype))
-        loaded.add(name)
+        loaded.add(checkpoint_name)
     missing = sorted(expected - loaded)
     if missing:
         shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
         raise WeightsError(f"checkpoint is missing tensors the model needs: {shown}")
+
+
+def _rename(name: str, renames: list[tuple[str, str]], reverse: bool = False) -> str:
+    for old, new in reversed(renames) if reverse else renames:
+        name = name.replace(new, old) if reverse else name.replace(old, new)
+    return name
 
 
 def _target(name: str, packed: list[Packed]) -> tuple[str, int | None]:

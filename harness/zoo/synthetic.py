@@ -4,8 +4,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,22 +44,35 @@ _COMMON = {
     "rms_norm_eps": 1e-5,
 }
 
+# The Llama-style _COMMON fields that older config classes have no field for.
+_NOT_LLAMA = ("intermediate_size", "num_key_value_heads", "rms_norm_eps")
+
 
 @dataclass(frozen=True)
 class Recipe:
     config_class: str  # a transformers config class name, e.g. "LlamaConfig"
     config: Mapping[str, Any]
     seed: int
+    # _COMMON keys the config class has no field for (GPT-2 has no num_key_value_heads): left
+    # out, so config.json does not claim a field the model ignores.
+    omit: tuple[str, ...] = ()
+    # Name suffix -> factor on that parameter's draw, for architectures that rescale a tensor
+    # themselves (Gemma multiplies its embeddings by sqrt(hidden_size)).
+    scales: Mapping[str, float] = field(default_factory=dict)
+
+    def config_dict(self) -> dict[str, Any]:
+        return {**{k: v for k, v in _COMMON.items() if k not in self.omit}, **self.config}
 
     def hf_config(self):
         import transformers
 
-        return getattr(transformers, self.config_class)(**_COMMON, **self.config)
+        return getattr(transformers, self.config_class)(**self.config_dict())
 
     def as_dict(self) -> dict[str, Any]:
+        scales = {"scales": dict(self.scales)} if self.scales else {}
         return {
-            "config_class": self.config_class, "config": {**_COMMON, **self.config}, "seed": self.seed,
-            "init_scheme": INIT_SCHEME,
+            "config_class": self.config_class, "config": self.config_dict(), "seed": self.seed,
+            "init_scheme": INIT_SCHEME, **scales,
         }
 
 
@@ -86,6 +100,126 @@ RECIPES: dict[str, Recipe] = {
         "num_hidden_layers": 3, "tie_word_embeddings": True, "head_dim": 32,
         "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
     }, seed=3),
+    "tiny-gemma": Recipe("GemmaConfig", {
+        "num_hidden_layers": 2, "head_dim": 16, "hidden_act": "gelu_pytorch_tanh",
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    }, seed=4),
+    # Caps low enough to bend real scores and logits; a 32-token window on the sliding layers;
+    # query_pre_attn_scalar != head_dim, head_dim != hidden_size / heads. Embeddings drawn at
+    # 1 / sqrt(hidden_size) cancel Gemma's scaling by sqrt(hidden_size): at unit scale they would
+    # swamp the normed branch outputs and the model would only repeat its input token.
+    "tiny-gemma2": Recipe("Gemma2Config", {
+        "num_hidden_layers": 3, "head_dim": 32, "query_pre_attn_scalar": 24, "sliding_window": 32,
+        "attn_logit_softcapping": 5.0, "final_logit_softcapping": 60.0, "tie_word_embeddings": False,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    }, seed=5, scales={"embed_tokens.weight": 0.125}),
+    # Local and global layers with different rope bases, the global one linearly scaled (as in
+    # the larger Gemma 3 models). Embeddings shrunk as for tiny-gemma2, less so: they are also
+    # the (tied) LM head.
+    "tiny-gemma3": Recipe("Gemma3TextConfig", {
+        "num_hidden_layers": 3, "head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 32,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0},
+        },
+    }, seed=6, scales={"embed_tokens.weight": 0.25}),
+    # GPT-2 stores Conv1D weights [in, out]; scale_attn_by_inverse_layer_idx makes each layer's
+    # score scale differ.
+    "tiny-gpt2": Recipe("GPT2Config", {
+        "num_hidden_layers": 2, "n_inner": 192, "activation_function": "gelu_new",
+        "scale_attn_by_inverse_layer_idx": True,
+    }, seed=7, omit=_NOT_LLAMA),
+    "tiny-gpt-bigcode": Recipe("GPTBigCodeConfig", {
+        "num_hidden_layers": 2, "n_inner": 192, "multi_query": True,
+    }, seed=8, omit=_NOT_LLAMA),
+    # Rope on a quarter of each head (Pythia's rotary_pct), attention and MLP in parallel.
+    "tiny-gpt-neox": Recipe("GPTNeoXConfig", {
+        "num_hidden_layers": 2, "use_parallel_residual": True, "tie_word_embeddings": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+    }, seed=9, omit=("num_key_value_heads", "rms_norm_eps")),
+    "tiny-persimmon": Recipe("PersimmonConfig", {
+        "num_hidden_layers": 2, "qk_layernorm": True, "tie_word_embeddings": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 25000.0, "partial_rotary_factor": 0.5},
+    }, seed=10, omit=("num_key_value_heads", "rms_norm_eps")),
+    # Every Granite multiplier away from 1 (and the attention one away from 1/sqrt(head_dim)).
+    "tiny-granite": Recipe("GraniteConfig", {
+        "num_hidden_layers": 2, "tie_word_embeddings": False, "embedding_multiplier": 0.5,
+        "residual_multiplier": 0.5, "attention_multiplier": 0.1, "logits_scaling": 1.25,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    }, seed=11),
+    # Fused qkv / gate_up checkpoint tensors, rope on 3/4 of each head, a 32-token window.
+    "tiny-phi3": Recipe("Phi3Config", {
+        "num_hidden_layers": 2, "tie_word_embeddings": False, "sliding_window": 32,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75},
+    }, seed=12),
+    # Interleaved (gpt-j style) rope on half of each head, q/k/v biases, fused gate_up tensors.
+    "tiny-glm": Recipe("GlmConfig", {
+        "num_hidden_layers": 2, "tie_word_embeddings": False, "head_dim": 16, "attention_bias": True,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+    }, seed=13),
+    # LayerNorm1P, squared-ReLU ungated MLP, rope on half of each head.
+    "tiny-nemotron": Recipe("NemotronConfig", {
+        "num_hidden_layers": 2, "tie_word_embeddings": False, "head_dim": 16, "norm_eps": 1e-5,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+    }, seed=14, omit=("rms_norm_eps",)),
+    # Parameter-free LayerNorm; clip_qkv low enough to clamp unit-scale projections.
+    "tiny-olmo": Recipe("OlmoConfig", {
+        "num_hidden_layers": 2, "tie_word_embeddings": False, "clip_qkv": 1.5,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    }, seed=15, omit=("rms_norm_eps",)),
+    # Norms after attention and MLP, RMSNorm over the whole q and k projections.
+    "tiny-olmo2": Recipe("Olmo2Config", {
+        "num_hidden_layers": 2, "tie_word_embeddings": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
+    }, seed=16),
+    "tiny-starcoder2": Recipe("Starcoder2Config", {
+        "num_hidden_layers": 2, "sliding_window": 32, "use_bias": True, "norm_epsilon": 1e-5,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0},
+    }, seed=217, omit=("rms_norm_eps",)),
+    # Per-head q/k LayerNorm weights; logit_scale away from 1.
+    "tiny-cohere": Recipe("CohereConfig", {
+        "num_hidden_layers": 2, "use_qk_norm": True, "logit_scale": 0.5, "layer_norm_eps": 1e-5,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    }, seed=18, omit=("rms_norm_eps",)),
+    # Sliding layers with rope around a global layer without any.
+    "tiny-cohere2": Recipe("Cohere2Config", {
+        "num_hidden_layers": 3, "logit_scale": 0.5, "layer_norm_eps": 1e-5, "sliding_window": 32,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    }, seed=19, omit=("rms_norm_eps",)),
+    # Attention and MLP in parallel, q/k LayerNorm, rope on 40% of each head.
+    "tiny-phi": Recipe("PhiConfig", {
+        "num_hidden_layers": 2, "qk_layernorm": True, "layer_norm_eps": 1e-5,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.4},
+    }, seed=20, omit=("rms_norm_eps",)),
+    # Interleaved rope on 8 of each head's 16 features.
+    "tiny-gptj": Recipe("GPTJConfig", {
+        "num_hidden_layers": 2, "n_inner": 192, "rotary_dim": 8,
+    }, seed=21, omit=_NOT_LLAMA),
+    # Separate LayerNorm weights for every q and k head, q/k/v biases, rope on a quarter.
+    "tiny-stablelm": Recipe("StableLmConfig", {
+        "num_hidden_layers": 2, "qk_layernorm": True, "use_qkv_bias": True, "layer_norm_eps": 1e-5,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+    }, seed=22, omit=("rms_norm_eps",)),
+    # OPT-350m's shape: LayerNorm after each sublayer, embeddings narrower than the model.
+    "tiny-opt": Recipe("OPTConfig", {
+        "num_hidden_layers": 2, "ffn_dim": 192, "word_embed_proj_dim": 32, "do_layer_norm_before": False,
+    }, seed=23, omit=_NOT_LLAMA),
+    # Six heads: the ALiBi slopes of a head count that is not a power of two.
+    "tiny-bloom": Recipe("BloomConfig", {
+        "num_hidden_layers": 2, "hidden_size": 96, "num_attention_heads": 6,
+    }, seed=124, omit=_NOT_LLAMA),
+    # The new decoder architecture: grouped K/V heads, parallel attention and MLP with a norm each.
+    "tiny-falcon": Recipe("FalconConfig", {
+        "num_hidden_layers": 2, "new_decoder_architecture": True, "num_kv_heads": 2, "ffn_hidden_size": 192,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    }, seed=225, omit=_NOT_LLAMA),
+    # Six heads (ALiBi slopes past the largest power of two), clip_qkv low enough to clamp.
+    "tiny-mpt": Recipe("MptConfig", {
+        "num_hidden_layers": 2, "hidden_size": 96, "num_attention_heads": 6, "attn_config": {"clip_qkv": 1.5},
+    }, seed=226, omit=_NOT_LLAMA),
 }
 
 
@@ -104,7 +238,7 @@ def build(recipe: Recipe, directory: Path) -> dict[str, Any]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _reinitialise(model, torch.Generator().manual_seed(recipe.seed))
+    _reinitialise(model, torch.Generator().manual_seed(recipe.seed), recipe.scales)
     gap = mean_top1_top2_gap(model.eval(), tokenizer)
     if gap <= MIN_TOP1_TOP2_GAP:
         raise RuntimeError(f"recipe {recipe.config_class} seed {recipe.seed}: mean top1-top2 logit gap {gap:.3f}"
@@ -136,24 +270,44 @@ def _check_tokenizer(tokenizer) -> None:
                            f"{(VOCAB_SIZE, BOS_ID, EOS_ID)}")
 
 
-def _reinitialise(model: torch.nn.Module, generator: torch.Generator) -> None:
+def _reinitialise(model: torch.nn.Module, generator: torch.Generator, scales: Mapping[str, float]) -> None:
     # Sorted names: the draw order, hence the bytes, must not depend on module registration order.
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
-            param.copy_(_draw(name, param.shape, generator))
+            draw = _draw(name, param.shape, generator)
+            scale = next((factor for suffix, factor in scales.items() if name.endswith(suffix)), None)
+            param.copy_(draw if scale is None else scale * draw)
+
+
+# Parameter names per role across the families' Transformers classes (the Llama-style names first,
+# which the original rules matched: their draws are unchanged).
+_NORM_WEIGHT = re.compile(r"(norm|norm_\w+|ln_\w+|norms\.\d+|LayerNorm)\.weight$")
+_EMBEDDINGS = (
+    "embed_tokens.weight", "lm_head.weight", "wte.weight", "wpe.weight", "word_embeddings.weight",
+    "embed_in.weight", "embed_out.weight", "embed_positions.weight",
+)
+# The projections writing into the residual stream, scaled by _BRANCH_OUTPUT_GAIN.
+_BRANCH_OUTPUTS = (
+    "o_proj.weight", "down_proj.weight", "c_proj.weight", "dense.weight", "dense_4h_to_h.weight",
+    "out_proj.weight", "fc2.weight", "fc_out.weight",
+)
+
+
+def is_norm_weight(name: str) -> bool:
+    return _NORM_WEIGHT.search(name) is not None
 
 
 def _draw(name: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
     """Weights far from HF's tiny init: logits spread wide, and every norm weight differs from 1."""
-    if name.endswith("norm.weight"):
+    if is_norm_weight(name):
         return 0.75 + 0.5 * torch.rand(shape, generator=generator)
     if name.endswith(".bias"):
         return 0.2 * torch.randn(shape, generator=generator)
-    if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+    if name.endswith(_EMBEDDINGS):
         # Unit scale against an RMS-normed hidden state gives logits with std ~ sqrt(hidden_size).
         return torch.randn(shape, generator=generator)
     if len(shape) == 2:
         # 1/sqrt(fan_in) keeps activations at unit scale through every projection.
-        scale = _BRANCH_OUTPUT_GAIN if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
+        scale = _BRANCH_OUTPUT_GAIN if name.endswith(_BRANCH_OUTPUTS) else 1.0
         return scale * torch.randn(shape, generator=generator) / math.sqrt(shape[1])
     raise ValueError(f"no initialisation rule for parameter {name} of shape {tuple(shape)}")

@@ -1,4 +1,6 @@
-"""The offline API: LLM(model=...).generate(prompts, SamplingParams(...)), as in vLLM."""
+"""The offline API: LLM(model=...).generate(prompts, SamplingParams(...)), as in vLLM; pooling
+models (task="embed" | "classify" | "score" | "reward") answer encode / embed / classify /
+score / reward instead."""
 from __future__ import annotations
 
 import itertools
@@ -6,11 +8,21 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from engine.config import EngineConfig
 from engine.core.engine import LLMEngine
-from engine.outputs import RequestOutput
+from engine.layers.pooler import PoolerConfig
+from engine.outputs import (
+    ClassificationRequestOutput,
+    EmbeddingRequestOutput,
+    PoolingRequestOutput,
+    RequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
+)
+from engine.pooling_params import PoolingParams
 from engine.sampling_params import SamplingParams
 
 PromptType = str | dict[str, Any]
@@ -36,6 +48,7 @@ class LLM:
         trust_remote_code: bool = False,
         revision: str | None = None,
         model_impl: str = "auto",
+        override_pooler_config: PoolerConfig | dict[str, Any] | str | None = None,
     ):
         config = EngineConfig.create(
             model=model, tokenizer=tokenizer, task=task, dtype=dtype, seed=seed, max_model_len=max_model_len,
@@ -43,6 +56,7 @@ class LLM:
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             enable_prefix_caching=enable_prefix_caching, hf_overrides=hf_overrides,
             trust_remote_code=trust_remote_code, revision=revision, model_impl=model_impl,
+            override_pooler_config=override_pooler_config,
         )
         self.llm_engine = LLMEngine(config)
         self._request_ids = itertools.count()
@@ -111,14 +125,15 @@ class LLM:
         )
 
     @staticmethod
-    def _params_per_prompt(sampling_params, count: int) -> list[SamplingParams]:
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        if isinstance(sampling_params, SamplingParams):
-            return [sampling_params] * count
-        params = list(sampling_params)
+    def _params_per_prompt(params, count: int, kind: type = SamplingParams) -> list:
+        """One kind (SamplingParams, PoolingParams) for all prompts, or one per prompt; None: the defaults."""
+        if params is None:
+            params = kind()
+        if isinstance(params, kind):
+            return [params] * count
+        params = list(params)
         if len(params) != count:
-            raise ValueError(f"got {len(params)} SamplingParams for {count} prompts; pass one, or one per prompt")
+            raise ValueError(f"got {len(params)} {kind.__name__} for {count} prompts; pass one, or one per prompt")
         return params
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
@@ -133,3 +148,102 @@ class LLM:
                         bar.update(1)
                 engine.pop_finished(outputs)
         return [finished[r] for r in request_ids]
+
+    # --- pooling -----------------------------------------------------------------------------
+    def encode(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[PoolingRequestOutput]:
+        """The pooler's output for each prompt, whatever the pooling task."""
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        return self._encode([self._parse_prompt(p) + (None,) for p in prompts], pooling_params, use_tqdm)
+
+    def embed(self, prompts: PromptType | Sequence[PromptType],
+              pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+              use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
+        self._require_task("embed", ("embed",))
+        return [EmbeddingRequestOutput.from_base(o) for o in self.encode(prompts, pooling_params, use_tqdm)]
+
+    def classify(self, prompts: PromptType | Sequence[PromptType],
+                 pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+                 use_tqdm: bool = True) -> list[ClassificationRequestOutput]:
+        self._require_task("classify", ("classify",))
+        return [ClassificationRequestOutput.from_base(o) for o in self.encode(prompts, pooling_params, use_tqdm)]
+
+    def reward(self, prompts: PromptType | Sequence[PromptType],
+               pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+               use_tqdm: bool = True) -> list[PoolingRequestOutput]:
+        self._require_task("reward", ("reward",))
+        return self.encode(prompts, pooling_params, use_tqdm)
+
+    def score(
+        self,
+        text_1: str | Sequence[str],
+        text_2: str | Sequence[str],
+        pooling_params: PoolingParams | None = None,
+        use_tqdm: bool = True,
+    ) -> list[ScoringRequestOutput]:
+        """One score per (text_1, text_2) pair; a single text_1 is paired with every text_2.
+        A cross-encoder reads each pair as one input; an embedding model scores the cosine
+        similarity of the two texts' embeddings."""
+        self._require_task("score", ("score", "embed"))
+        pairs = self._score_pairs(text_1, text_2)
+        if self.llm_engine.model_runner.model.pooler.task == "score":
+            return self._cross_encode(pairs, pooling_params, use_tqdm)
+        return self._embedding_similarity(pairs, pooling_params, use_tqdm)
+
+    def _require_task(self, method: str, tasks: tuple[str, ...]) -> None:
+        task = self.llm_engine.config.task
+        if task not in tasks:
+            raise ValueError(f"LLM.{method} needs a model loaded with task={' or '.join(map(repr, tasks))}; this one "
+                             f"runs task={task!r}")
+
+    @staticmethod
+    def _score_pairs(text_1, text_2) -> list[tuple[str, str]]:
+        first = [text_1] if isinstance(text_1, str) else list(text_1)
+        second = [text_2] if isinstance(text_2, str) else list(text_2)
+        if len(first) == 1:
+            first = first * len(second)
+        if not second or len(first) != len(second):
+            raise ValueError(f"score pairs text_1 with text_2: got {len(first)} and {len(second)} texts; give one "
+                             f"text_1 for all, or as many as text_2 (at least one)")
+        return list(zip(first, second))
+
+    def _cross_encode(self, pairs, pooling_params, use_tqdm) -> list[ScoringRequestOutput]:
+        tokenizer = self.get_tokenizer()
+        inputs = []
+        for a, b in pairs:
+            encoded = tokenizer(a, text_pair=b)
+            inputs.append((f"{a}\n{b}", list(encoded.input_ids), encoded.get("token_type_ids")))
+        outputs = self._encode(inputs, pooling_params, use_tqdm)
+        return [ScoringRequestOutput(o.request_id, ScoringOutput(o.outputs.data.item()), o.prompt_token_ids)
+                for o in outputs]
+
+    def _embedding_similarity(self, pairs, pooling_params, use_tqdm) -> list[ScoringRequestOutput]:
+        texts = list(dict.fromkeys(t for pair in pairs for t in pair))
+        embedded = dict(zip(texts, self._encode([self._parse_prompt(t) + (None,) for t in texts], pooling_params,
+                                                use_tqdm)))
+        results = []
+        for a, b in pairs:
+            x, y = embedded[a], embedded[b]
+            similarity = F.cosine_similarity(x.outputs.data, y.outputs.data, dim=-1).item()
+            results.append(ScoringRequestOutput(f"{x.request_id}_{y.request_id}", ScoringOutput(similarity),
+                                                x.prompt_token_ids + y.prompt_token_ids))
+        return results
+
+    def _encode(self, inputs: list[tuple[str | None, list[int], list[int] | None]],
+                pooling_params, use_tqdm: bool) -> list[PoolingRequestOutput]:
+        """inputs: (prompt, token ids, token type ids or None); all validated before any is queued."""
+        engine = self.llm_engine
+        params = self._params_per_prompt(pooling_params, len(inputs), PoolingParams)
+        for _, ids, _ in inputs:
+            engine.validate_prompt(ids)
+        for p in params:
+            engine.validate_pooling_params(p)
+        ids = [str(next(self._request_ids)) for _ in inputs]
+        for request_id, (text, token_ids, types), p in zip(ids, inputs, params):
+            engine.add_pooling_request(request_id, text, token_ids, p, types)
+        return self._run(ids, use_tqdm)
+

@@ -11,6 +11,7 @@ from engine.config import EngineConfig
 from engine.core.async_engine import AsyncLLMEngine, EngineDeadError, GenerateRequest
 from engine.core.engine import LLMEngine
 from engine.llm import LLM
+from engine.pooling_params import PoolingParams
 from engine.sampling_params import SamplingParams
 
 MAX_MODEL_LEN = 256
@@ -257,3 +258,38 @@ def test_kv_exhaustion_preempts_and_resumes(model_dir, offline):
     assert engine.stats.kv_blocks_in_use == 0
     for got, want in zip(outs, expected):
         assert got.outputs[0].token_ids == want.outputs[0].token_ids
+    # Recomputing a preempted sequence generates nothing new, and the counters say so.
+    assert engine.stats.generation_tokens == 48 * len(prompts)
+    assert engine.stats.prompt_tokens == sum(len(o.prompt_token_ids) for o in outs)
+
+
+def test_pooling_requests_equal_offline_embed():
+    """A pooling model's requests go through the same engine thread; a bad one fails alone."""
+    from harness.zoo import model_path
+
+    path = str(model_path("tiny-bert"))
+    expected = [o.outputs.embedding for o in LLM(path, task="embed").embed(PROMPTS, use_tqdm=False)]
+    engine = AsyncLLMEngine(LLMEngine(EngineConfig.create(path, task="embed")))
+    too_wide = PoolingParams(dimensions=engine.engine.config.hf_config.hidden_size + 1)
+
+    async def embed(i: int, prompt: str, params: PoolingParams):
+        async for out in engine.generate_many([GenerateRequest(f"e{i}", prompt, None, params)]):
+            return out[1]
+
+    async def main():
+        engine.start()
+        try:
+            with pytest.raises(ValueError, match="dimensions"):
+                await embed(-1, PROMPTS[0], too_wide)
+            outs = await asyncio.gather(*(embed(i, p, PoolingParams()) for i, p in enumerate(PROMPTS)))
+            await _wait_idle(engine)
+            return outs
+        finally:
+            await asyncio.to_thread(engine.shutdown)
+
+    outs = asyncio.run(main())
+    for got, want in zip(outs, expected):
+        assert got.finished
+        assert got.outputs.data.tolist() == pytest.approx(want, abs=1e-5)
+    assert engine.stats.prompt_tokens == sum(len(o.prompt_token_ids) for o in outs)
+    assert engine.stats.generation_tokens == 0 and engine.stats.num_finished_requests == len(PROMPTS)

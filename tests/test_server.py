@@ -9,19 +9,19 @@ import asyncio
 import contextlib
 import http.client
 import json
-import os
 import random
-import signal
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -30,6 +30,7 @@ pytest.importorskip("uvicorn")
 from engine.entrypoints.openai.protocol import MAX_STOP_SEQUENCES  # noqa: E402
 from engine.llm import LLM  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
+from harness.serving import ServerProcess  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -56,103 +57,16 @@ WORDS = ("the model reads every token of the prompt and then writes new ones one
 
 
 # --- servers ----------------------------------------------------------------------------------
-@dataclass
-class Server:
-    name: str
-    port: int
-    proc: subprocess.Popen
-    log: Path
-    args: list[str] = field(default_factory=list)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
+class Server(ServerProcess):
     def client(self, **kw) -> "openai.OpenAI":
         return openai.OpenAI(base_url=self.base_url, api_key=API_KEY, max_retries=0, timeout=120, **kw)
 
     def async_client(self, **kw) -> "openai.AsyncOpenAI":
         return openai.AsyncOpenAI(base_url=self.base_url, api_key=API_KEY, max_retries=0, timeout=120, **kw)
 
-    def raw(self, method: str, path: str, body: bytes | None = None,
-            headers: dict[str, str] | None = None) -> tuple[int, Any]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            resp = conn.getresponse()
-            data = resp.read()
-            try:
-                return resp.status, json.loads(data) if data else None
-            except json.JSONDecodeError:
-                return resp.status, data
-        finally:
-            conn.close()
-
-    def stats(self) -> dict[str, Any]:
-        status, body = self.raw("GET", "/v1/debug/engine", headers=_auth())
-        assert status == 200, body
-        return body
-
-    def wait_idle(self, timeout: float = 30.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            s = self.stats()
-            if s["num_requests"] == s["kv_blocks_in_use"] == s["num_running"] == s["num_waiting"] == 0:
-                return s
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name} server not idle after {timeout}s: {s}")
-            time.sleep(0.02)
-
 
 def _auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {API_KEY}"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    # A server left behind by a killed test run would hold its port and two cores' worth of CPU.
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _launch(name: str, model_dir: Path, log_dir: Path, *extra: str) -> Server:
-    port = _free_port()
-    args = [sys.executable, "-m", "engine.entrypoints.cli", str(model_dir), "--host", "127.0.0.1",
-            "--port", str(port), "--served-model-name", MODEL, "--api-key", API_KEY, "--log-level", "warning",
-            *extra]
-    log = log_dir / f"{name}.log"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            preexec_fn=_die_with_parent)
-    return Server(name, port, proc, log, args)
-
-
-def _wait_ready(server: Server, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            pytest.fail(f"{server.name} server exited with {server.proc.returncode}:\n{server.log.read_text()[-4000:]}")
-        with contextlib.suppress(OSError):
-            if server.raw("GET", "/health")[0] == 200:
-                return
-        time.sleep(0.2)
-    pytest.fail(f"{server.name} server not ready after {timeout}s:\n{server.log.read_text()[-4000:]}")
-
-
-def _stop(server: Server) -> None:
-    server.proc.send_signal(signal.SIGTERM)
-    try:
-        server.proc.wait(20)
-    except subprocess.TimeoutExpired:
-        server.proc.kill()
-        server.proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -165,20 +79,21 @@ def model_dir() -> Path:
 @pytest.fixture(scope="module")
 def servers(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Server]:
     logs = tmp_path_factory.mktemp("server-logs")
+    common = ("--served-model-name", MODEL, "--log-level", "warning")
     # Both start at once: each spends most of its start-up importing torch and loading the model.
-    started = {
-        "main": _launch("main", model_dir, logs, "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "64",
-                        "--max-request-bytes", str(BODY_LIMIT)),
-        "small_kv": _launch("small_kv", model_dir, logs, "--max-model-len", str(SMALL_MAX_MODEL_LEN),
-                            "--num-kv-blocks", str(SMALL_KV_BLOCKS)),
-    }
-    try:
+    with contextlib.ExitStack() as stack:
+        started = {
+            "main": Server.start(str(model_dir), logs / "main.log", *common, "--max-model-len", str(MAX_MODEL_LEN),
+                                 "--max-num-seqs", "64", "--max-request-bytes", str(BODY_LIMIT), api_key=API_KEY),
+            "small_kv": Server.start(str(model_dir), logs / "small_kv.log", *common, "--max-model-len",
+                                     str(SMALL_MAX_MODEL_LEN), "--num-kv-blocks", str(SMALL_KV_BLOCKS),
+                                     api_key=API_KEY),
+        }
         for server in started.values():
-            _wait_ready(server)
+            stack.enter_context(server)
+        for server in started.values():
+            server.wait_ready()
         yield started
-    finally:
-        for server in started.values():
-            _stop(server)
 
 
 @pytest.fixture(scope="module")
@@ -197,18 +112,18 @@ def _greedy(max_tokens: int = 16, **kw) -> SamplingParams:
 
 # --- basics -------------------------------------------------------------------------------------
 def test_health_models_and_api_key(server):
-    assert server.raw("GET", "/health") == (200, {"status": "ok"})
+    assert server.request("GET", "/health") == (200, {"status": "ok"})
     models = server.client().models.list()
     assert [m.id for m in models.data] == [MODEL]
     with pytest.raises(openai.AuthenticationError) as info:
         openai.OpenAI(base_url=server.base_url, api_key="wrong", max_retries=0).models.list()
     assert info.value.status_code == 401 and info.value.code == "invalid_api_key"
-    status, body = server.raw("GET", "/v1/models")
+    status, body = server.request("GET", "/v1/models")
     assert status == 401 and body["error"]["type"] == "authentication_error"
 
 
 def test_metrics_endpoint(server):
-    status, text = server.raw("GET", "/metrics")
+    status, text = server.request("GET", "/metrics")
     assert status == 200
     assert b"litmus_kv_blocks_in_use " in text and b"litmus_num_running " in text
 
@@ -461,7 +376,7 @@ def _check_error_shape(body: Any, status: int) -> None:
 
 @pytest.mark.parametrize("name,endpoint,overrides,status,param", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
 def test_bad_request_gets_a_clear_error(server, name, endpoint, overrides, status, param):
-    got, body = server.raw("POST", PATHS[endpoint], json.dumps(_bad_body(endpoint, overrides)).encode(),
+    got, body = server.request("POST", PATHS[endpoint], json.dumps(_bad_body(endpoint, overrides)).encode(),
                            {**_auth(), "Content-Type": "application/json"})
     assert got == status, body
     _check_error_shape(body, status)
@@ -483,7 +398,7 @@ def test_bad_requests_through_the_openai_client(server):
 
 def test_raw_bad_requests(server):
     for name, path, body, headers, status in _raw_bad_requests(server):
-        got, answer = server.raw("POST", path, body, headers)
+        got, answer = server.request("POST", path, body, headers)
         assert got == status, (name, answer)
         _check_error_shape(answer, status)
 
@@ -501,11 +416,11 @@ def test_bad_requests_cost_concurrent_requests_nothing(server, offline):
         return (await client.completions.create(**kw)).choices[0].text
 
     async def bad(endpoint, overrides, status) -> int:
-        return (await asyncio.to_thread(server.raw, "POST", PATHS[endpoint],
+        return (await asyncio.to_thread(server.request, "POST", PATHS[endpoint],
                                         json.dumps(_bad_body(endpoint, overrides)).encode(), json_headers))[0]
 
     async def raw_bad(path, body, headers) -> int:
-        return (await asyncio.to_thread(server.raw, "POST", path, body, headers))[0]
+        return (await asyncio.to_thread(server.request, "POST", path, body, headers))[0]
 
     async def main():
         async with server.async_client() as client:
@@ -535,7 +450,7 @@ def test_stream_disconnect_aborts_and_frees_blocks(server):
         received += 1
         if received == 3:
             break
-    assert server.stats()["kv_blocks_in_use"] > 0
+    assert server.engine_stats()["kv_blocks_in_use"] > 0
     stream.close()
     after = server.wait_idle()
     assert after["num_aborted_requests"] == before["num_aborted_requests"] + 1
@@ -549,7 +464,7 @@ def test_non_streaming_disconnect_aborts_and_frees_blocks(server):
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     conn.request("POST", "/v1/completions", body, {**_auth(), "Content-Type": "application/json"})
     deadline = time.monotonic() + 30
-    while server.stats()["num_running"] == 0:
+    while server.engine_stats()["num_running"] == 0:
         assert time.monotonic() < deadline, "the request never started"
         time.sleep(0.005)
     conn.sock.shutdown(socket.SHUT_RDWR)
@@ -694,6 +609,10 @@ def test_kv_exhaustion_preempts_and_resumes(servers, offline):
     after = small.wait_idle()
     assert after["num_preemptions"] > before["num_preemptions"]
     assert after["num_kv_blocks"] == SMALL_KV_BLOCKS
+    # Preempted, never failed or dropped: every request finished in the engine, none was aborted.
+    assert after["num_finished_requests"] - before["num_finished_requests"] == len(cases)
+    assert after["num_aborted_requests"] == before["num_aborted_requests"]
+    assert after["generation_tokens"] - before["generation_tokens"] == 60 * len(cases)
 
 
 # --- the command line -----------------------------------------------------------------------------
@@ -706,11 +625,84 @@ def test_serve_parser_hooks_into_a_parent_cli():
     add_serve_parser(parser.add_subparsers())
     args = parser.parse_args(["serve", "tiny-llama", "--port", "9001", "--served-model-name", "a", "b",
                               "--max-num-seqs", "8", "--num-kv-blocks", "64", "--enable-prefix-caching",
-                              "--dtype", "float32", "--seed", "3", "--api-key", "k", "--max-model-len", "128"])
+                              "--dtype", "float32", "--seed", "3", "--api-key", "k", "--max-model-len", "128",
+                              "--model-impl", "transformers", "--task", "generate"])
     assert args.run is run_serve
     assert (args.model, args.port, args.served_model_name, args.max_num_seqs) == ("tiny-llama", 9001, ["a", "b"], 8)
     assert (args.num_kv_blocks, args.enable_prefix_caching, args.dtype, args.seed) == (64, True, "float32", 3)
     assert (args.api_key, args.max_model_len, args.host) == ("k", 128, "127.0.0.1")
+    assert (args.model_impl, args.task) == ("transformers", "generate")
+
+
+def test_serve_passes_engine_options_to_the_engine(model_dir, monkeypatch):
+    import uvicorn
+
+    from engine.entrypoints.cli import serve_main
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    assert serve_main([str(model_dir), "--port", "9002", "--model-impl", "transformers", "--dtype", "bfloat16",
+                       "--max-model-len", "64", "--served-model-name", "m"]) == 0
+    engine = served["app"].state.serving.engine.engine
+    assert (engine.config.model_impl, engine.config.dtype, engine.config.max_model_len) == \
+           ("transformers", torch.bfloat16, 64)
+    assert type(engine.model_runner.model).__module__ == "engine.models.transformers_backend"
+    assert served["port"] == 9002 and served["app"].state.serving.served_model_names == ["m"]
+
+
+def _damage_config(path: Path, **changes: Any) -> None:
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+def _damage_weights(path: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _truncate(path: Path) -> None:
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[:len(data) // 2])
+
+
+# (case, what breaks the model directory, extra serve arguments, words the one-line error must hold)
+BAD_MODELS = [
+    ("unknown architecture", lambda p: _damage_config(p, architectures=["NoSuchModelForCausalLM"]), (),
+     "NoSuchModelForCausalLM"),
+    ("missing config.json", lambda p: (p / "config.json").unlink(), (), "config.json"),
+    ("truncated safetensors", _truncate, (), "model.safetensors"),
+    ("corrupt safetensors", lambda p: (p / "model.safetensors").write_bytes(b"\x07" * 4096), (), "corrupt"),
+    ("missing tensor", lambda p: _damage_weights(p, lambda t: t.pop("model.layers.1.self_attn.k_proj.weight")), (),
+     "model.layers.1.self_attn.k_proj.weight"),
+    ("shape mismatch", lambda p: _damage_weights(p, lambda t: t.update({"model.norm.weight": torch.ones(7)})), (),
+     "model.norm.weight"),
+    ("unsupported dtype", lambda p: None, ("--dtype", "int8"), "int8"),
+    ("unknown model implementation", lambda p: None, ("--model-impl", "magic"), "model_impl"),
+]
+
+
+@pytest.mark.parametrize("damage,args,words", [c[1:] for c in BAD_MODELS], ids=[c[0] for c in BAD_MODELS])
+def test_serve_refuses_a_bad_model_in_one_line(model_dir, tmp_path, monkeypatch, capsys, damage, args, words):
+    """Each load-time item of the bad-input catalogue, through `litmus serve`: exit status 1 and
+    one line naming the problem, before any port is opened."""
+    import uvicorn
+
+    from engine.entrypoints.cli import serve_main
+
+    def started(*_, **__):
+        raise AssertionError("the server started on a broken model")
+
+    monkeypatch.setattr(uvicorn, "run", started)
+    path = tmp_path / "model"
+    shutil.copytree(model_dir, path)
+    damage(path)
+    assert serve_main([str(path), "--port", "0", *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("litmus serve: error:") and err.count("\n") == 1, err
+    assert words in err, err
 
 
 def test_serve_reports_a_bad_model_in_one_line(tmp_path):

@@ -18,7 +18,7 @@ SYNTHETIC = LLAMA_FAMILY + [
     "tiny-gemma", "tiny-gemma2", "tiny-gemma3", "tiny-gpt2", "tiny-gpt-bigcode", "tiny-gpt-neox", "tiny-persimmon",
     "tiny-granite", "tiny-phi3", "tiny-glm", "tiny-nemotron", "tiny-olmo", "tiny-olmo2", "tiny-starcoder2",
     "tiny-cohere", "tiny-cohere2", "tiny-phi", "tiny-gptj", "tiny-stablelm", "tiny-opt", "tiny-bloom", "tiny-falcon",
-    "tiny-mpt",
+    "tiny-mpt", "tiny-mixtral", "tiny-qwen2-moe", "tiny-olmoe", "tiny-phimoe", "tiny-granitemoe",
 ]
 REAL = ["smollm2-135m-instruct", "gemma3-270m"]
 POOLING = [

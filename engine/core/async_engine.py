@@ -8,7 +8,8 @@ steps continuously, so requests that arrive at different times share batches (co
 batching); when nothing is left it sleeps until a command arrives.
 
 Outputs are cumulative snapshots (RequestOutput), so a slow consumer may skip to the
-latest one without losing anything; streaming deltas are computed by the consumer.
+latest one without losing anything; streaming deltas are computed by the consumer. A request
+with PoolingParams (a pooling model's) gets one PoolingRequestOutput, in the step that runs it.
 """
 from __future__ import annotations
 
@@ -21,13 +22,15 @@ from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
 from engine.core.engine import LLMEngine
-from engine.outputs import RequestOutput
+from engine.outputs import PoolingRequestOutput, RequestOutput
+from engine.pooling_params import PoolingParams
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+Output = RequestOutput | PoolingRequestOutput
 # (request_id, output or the exception that ended the request)
-_SinkItem = tuple[str, RequestOutput | BaseException]
+_SinkItem = tuple[str, Output | BaseException]
 
 
 class EngineDeadError(RuntimeError):
@@ -39,7 +42,7 @@ class GenerateRequest:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int] | None
-    params: SamplingParams
+    params: SamplingParams | PoolingParams
 
 
 @dataclass
@@ -66,6 +69,8 @@ class EngineStats:
     num_steps: int
     num_finished_requests: int
     num_aborted_requests: int
+    prompt_tokens: int  # of every request added
+    generation_tokens: int  # generated so far, by every request
     alive: bool
 
 
@@ -74,6 +79,8 @@ class _Counters:
     steps: int = 0
     finished: int = 0
     aborted: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
 
 
 @dataclass
@@ -92,6 +99,7 @@ class AsyncLLMEngine:
         self._inbox = _Inbox()
         self._sinks: dict[str, asyncio.Queue[_SinkItem]] = {}  # engine thread only
         self._counters = _Counters()  # engine thread only
+        self._generated: dict[str, int] = {}  # engine thread only: tokens each request has generated so far
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -140,13 +148,15 @@ class AsyncLLMEngine:
                 raise ValueError("a request needs a prompt or prompt_token_ids")
             request.prompt_token_ids = self.engine.tokenize(request.prompt)
         self.engine.validate_prompt(request.prompt_token_ids)
+        if isinstance(request.params, PoolingParams):
+            self.engine.validate_pooling_params(request.params)
 
     async def generate(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None,
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
         async for _, output in self.generate_many([GenerateRequest(request_id, prompt, prompt_token_ids, params)]):
             yield output
 
-    async def generate_many(self, requests: list[GenerateRequest]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async def generate_many(self, requests: list[GenerateRequest]) -> AsyncIterator[tuple[int, Output]]:
         """Yields (index into requests, latest output) until every request has finished.
 
         All requests are validated before any is queued, so one bad prompt rejects the call
@@ -167,7 +177,7 @@ class AsyncLLMEngine:
                 batch = [await sink.get()]
                 while not sink.empty():
                     batch.append(sink.get_nowait())
-                latest: dict[str, RequestOutput] = {}
+                latest: dict[str, Output] = {}
                 for request_id, item in batch:
                     if isinstance(item, BaseException):
                         # This request is not in the engine (or the engine is gone); aborting its
@@ -250,15 +260,18 @@ class AsyncLLMEngine:
         if isinstance(command, _Abort):
             if self._sinks.pop(command.request_id, None) is not None:
                 self.engine.abort_request(command.request_id)
+                self._generated.pop(command.request_id, None)
                 self._counters.aborted += 1
             return
         r = command.request
+        add = self.engine.add_pooling_request if isinstance(r.params, PoolingParams) else self.engine.add_request
         try:
-            self.engine.add_request(r.request_id, r.prompt, r.prompt_token_ids, r.params)
+            add(r.request_id, r.prompt, r.prompt_token_ids, r.params)
         except ValueError as exc:  # e.g. a request id still in use: fails this request only
             self._deliver([(command.sink, r.request_id, exc)])
             return
         self._sinks[r.request_id] = command.sink
+        self._counters.prompt_tokens += len(r.prompt_token_ids)
 
     def _step(self) -> None:
         outputs = self.engine.step()
@@ -269,13 +282,24 @@ class AsyncLLMEngine:
             sink = self._sinks.get(output.request_id)
             if sink is None:
                 continue
+            if isinstance(output, RequestOutput):
+                self._count_generated(output)
             if output.finished:
                 del self._sinks[output.request_id]
                 self._counters.finished += 1
             deliveries.append((sink, output.request_id, output))
         self._deliver(deliveries)
 
-    def _deliver(self, deliveries: list[tuple[asyncio.Queue[_SinkItem], str, RequestOutput | BaseException]]) -> None:
+    def _count_generated(self, output: RequestOutput) -> None:
+        # Outputs are cumulative, so what is new is the growth since the last one.
+        total = sum(len(c.token_ids) for c in output.outputs)
+        self._counters.generation_tokens += total - self._generated.get(output.request_id, 0)
+        if output.finished:
+            self._generated.pop(output.request_id, None)
+        else:
+            self._generated[output.request_id] = total
+
+    def _deliver(self, deliveries: list[tuple[asyncio.Queue[_SinkItem], str, Output | BaseException]]) -> None:
         if not deliveries or self._loop is None:
             return
         try:
@@ -292,10 +316,11 @@ class AsyncLLMEngine:
             num_running=len(sched.running), num_waiting=len(sched.waiting), num_requests=len(self._sinks),
             num_preemptions=sched.num_preemptions, num_steps=self._counters.steps,
             num_finished_requests=self._counters.finished, num_aborted_requests=self._counters.aborted,
+            prompt_tokens=self._counters.prompt_tokens, generation_tokens=self._counters.generation_tokens,
             alive=alive,
         )
 
 
-def _put_all(deliveries: list[tuple[asyncio.Queue[_SinkItem], str, RequestOutput | BaseException]]) -> None:
+def _put_all(deliveries: list[tuple[asyncio.Queue[_SinkItem], str, Output | BaseException]]) -> None:
     for sink, request_id, item in deliveries:
         sink.put_nowait((request_id, item))

@@ -1,4 +1,5 @@
-"""LLMEngine: requests in, one scheduler step at a time, RequestOutputs out."""
+"""LLMEngine: requests in, one scheduler step at a time, RequestOutputs out (PoolingRequestOutputs
+for a pooling task: each prompt runs whole in one step and is pooled, nothing is sampled)."""
 from __future__ import annotations
 
 import itertools
@@ -10,11 +11,12 @@ from transformers import GenerationConfig
 from engine.config import EngineConfig
 from engine.core.block_manager import BlockManager
 from engine.core.request import Sequence
-from engine.core.scheduler import Scheduler
+from engine.core.scheduler import Scheduler, SchedulerOutput
 from engine.detokenizer import Detokenizer
 from engine.layers.sampler import compute_logprobs_info
 from engine.loader import load_tokenizer
-from engine.outputs import CompletionOutput, Logprob, RequestOutput
+from engine.outputs import CompletionOutput, Logprob, PoolingOutput, PoolingRequestOutput, RequestOutput
+from engine.pooling_params import PoolingParams
 from engine.sampling_params import SamplingParams
 from engine.worker.model_runner import ModelRunner, PromptLogprobsChunk
 
@@ -40,7 +42,8 @@ class LLMEngine:
         )
         self.eos_token_ids = eos_token_ids(config, self.tokenizer)
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   enable_chunked_prefill=not config.is_pooling)
         self.model_runner = ModelRunner(config, self.eos_token_ids)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.requests: dict[str, RequestState] = {}
@@ -68,6 +71,9 @@ class LLMEngine:
     def validate_params(self, params: SamplingParams) -> None:
         """What SamplingParams cannot check alone: values bounded by this model's vocabulary.
         Caught here, before queuing, since inside a step they would fail the whole batch."""
+        if self.config.is_pooling:
+            raise ValueError(f"generation needs task='generate'; this model runs the pooling task "
+                             f"{self.config.task!r} (use encode / embed / classify / score / reward)")
         vocab = self.config.hf_config.vocab_size
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(params, name)
@@ -96,6 +102,37 @@ class LLMEngine:
             self.detokenizer.start(seq)
             self.scheduler.add(seq)
 
+    def validate_pooling_params(self, params: PoolingParams) -> None:
+        if not isinstance(params, PoolingParams):
+            raise ValueError(f"a pooling request takes PoolingParams, not {type(params).__name__}")
+        # The pooler's task: `score` on an embedding model takes embedding parameters.
+        params.verify(self.model_runner.model.pooler.task, self.config.hf_config.hidden_size)
+
+    def add_pooling_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                            params: PoolingParams, token_type_ids: list[int] | None = None) -> None:
+        if not self.config.is_pooling:
+            raise ValueError(f"the engine runs task={self.config.task!r}; pooling requests need a pooling task "
+                             f"(embed, classify, score, reward)")
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.validate_prompt(prompt_token_ids)
+        self.validate_pooling_params(params)
+        if token_type_ids is not None:
+            self._validate_token_type_ids(token_type_ids, len(prompt_token_ids))
+        seq = Sequence(next(self._seq_ids), request_id, 0, list(prompt_token_ids), params,
+                       token_type_ids=None if token_type_ids is None else list(token_type_ids))
+        self.requests[request_id] = RequestState(request_id, prompt, list(prompt_token_ids), [seq])
+        self.scheduler.add(seq)
+
+    def _validate_token_type_ids(self, token_type_ids: list[int], num_tokens: int) -> None:
+        if len(token_type_ids) != num_tokens:
+            raise ValueError(f"token_type_ids has {len(token_type_ids)} entries for {num_tokens} tokens")
+        types = getattr(self.config.hf_config, "type_vocab_size", None)
+        if self.model_runner.model.uses_token_type_ids and types is not None:
+            bad = sorted({t for t in token_type_ids if not isinstance(t, int) or not 0 <= t < types})
+            if bad:
+                raise ValueError(f"token type ids {bad[:5]} are out of the model's range [0, {types})")
+
     def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
         if params.greedy:
             return None
@@ -118,11 +155,13 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     # --- stepping ------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[RequestOutput] | list[PoolingRequestOutput]:
         """Runs one batch; returns the outputs of requests that got new tokens or finished."""
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
+        if self.config.is_pooling:
+            return self._pooling_step(sched)
         result = self.model_runner.execute(sched.scheduled)
         self.scheduler.update_after_step(sched)
         for chunk in result.prompt_logprobs:
@@ -140,6 +179,15 @@ class LLMEngine:
                     self.scheduler.finish(seq)
                 touched[seq.request_id] = None
         return [self._output(self.requests[r]) for r in touched if r in self.requests]
+
+    def _pooling_step(self, sched: SchedulerOutput) -> list[PoolingRequestOutput]:
+        pooled = self.model_runner.execute_pooling(sched.scheduled)
+        self.scheduler.update_after_step(sched)
+        outputs = []
+        for s, data in zip(sched.scheduled, pooled):
+            self.scheduler.finish(s.seq)
+            outputs.append(PoolingRequestOutput(s.seq.request_id, PoolingOutput(data), s.seq.prompt_token_ids))
+        return outputs
 
     def pop_finished(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

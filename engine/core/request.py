@@ -1,4 +1,5 @@
-"""Per-sequence state. A request with n > 1 fans out into n sequences sharing its prompt."""
+"""Per-sequence state. A request with n > 1 fans out into n sequences sharing its prompt; a
+pooling request (PoolingParams) is one sequence that only prefills."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,6 +8,7 @@ from enum import Enum, auto
 import torch
 
 from engine.outputs import Logprob, PromptLogprobs, SampleLogprobs
+from engine.pooling_params import PoolingParams
 from engine.sampling_params import SamplingParams
 
 
@@ -22,7 +24,7 @@ class Sequence:
     request_id: str
     index: int
     prompt_token_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams | PoolingParams
     generator: torch.Generator | None = None
     status: SequenceStatus = SequenceStatus.WAITING
     token_ids: list[int] = field(default_factory=list)
@@ -41,18 +43,26 @@ class Sequence:
     read_offset: int = 0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # Segment ids of a text pair for encoders that embed them (BERT cross-encoders).
+    token_type_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
+        if self.is_pooling:
+            return
         if self.params.logprobs is not None:
             self.logprobs = []
         if self.wants_prompt_logprobs:
             self.prompt_logprobs = [None]
 
     @property
+    def is_pooling(self) -> bool:
+        return isinstance(self.params, PoolingParams)
+
+    @property
     def wants_prompt_logprobs(self) -> bool:
         # Identical for every child of an n > 1 request, so only the first computes them.
-        return self.params.prompt_logprobs is not None and self.index == 0
+        return not self.is_pooling and self.params.prompt_logprobs is not None and self.index == 0
 
     @property
     def num_tokens(self) -> int:

@@ -5,6 +5,8 @@ prefill continues in chunks), then admits waiting ones in arrival order while th
 the sequence limit and the KV blocks allow. When a running sequence cannot get a block, the
 most recently admitted running sequence is preempted: its blocks are freed and it goes back
 to the front of the queue to recompute its tokens later (FCFS keeps the oldest work going).
+Without chunked prefill (pooling: an encoder attends to the whole prompt at once) a waiting
+sequence is admitted only when all its tokens fit the step.
 """
 from __future__ import annotations
 
@@ -41,8 +43,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 enable_chunked_prefill: bool = True):
         self.block_manager = block_manager
+        self.enable_chunked_prefill = enable_chunked_prefill
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -89,7 +93,8 @@ class Scheduler:
                 seq.num_cached_tokens = bm.match_prefix(seq)
                 seq.num_computed_tokens = seq.num_cached_tokens
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not bm.allocate(seq, seq.num_computed_tokens + n):
+            whole = n == seq.num_tokens - seq.num_computed_tokens
+            if not (whole or self.enable_chunked_prefill) or not bm.allocate(seq, seq.num_computed_tokens + n):
                 bm.free(seq)
                 seq.num_computed_tokens = 0
                 break

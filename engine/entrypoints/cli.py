@@ -34,6 +34,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     eng = parser.add_argument_group("engine")
     eng.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
+    eng.add_argument("--task", default="auto",
+                     help="what the model serves: generate, or a pooling task such as embed (default: %(default)s)")
+    eng.add_argument("--model-impl", default="auto",
+                     help="auto (native when there is one), native or transformers (default: %(default)s)")
     eng.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: %(default)s)")
     eng.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     eng.add_argument("--max-num-seqs", type=int, default=256, help="sequences per batch (default: %(default)s)")
@@ -74,7 +78,8 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         chat_template = _read_template(args.chat_template)
         config = EngineConfig.create(
-            model=_resolve_model(args.model), tokenizer=args.tokenizer, dtype=args.dtype, seed=args.seed,
+            model=_resolve_model(args.model), tokenizer=args.tokenizer, task=args.task, dtype=args.dtype,
+            seed=args.seed, model_impl=args.model_impl,
             max_model_len=args.max_model_len, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             enable_prefix_caching=args.enable_prefix_caching, trust_remote_code=args.trust_remote_code,

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from kernels import ops
+from kernels.reference import attend
 
 
 @dataclass
@@ -76,6 +77,9 @@ class Attention(nn.Module):
     alibi_slopes [num_heads] (BLOOM, MPT) adds slope[h] * (key_pos - query_pos) to the scores.
     It is kept in float32 outside the module's buffers, so casting the model leaves it alone;
     create it on the model's device.
+
+    causal=False (encoders: BERT, RoBERTa) lets each prompt attend to all of itself. Such a
+    layer keeps no KV cache: its prompts run whole in one step, prefill only.
     """
 
     def __init__(
@@ -87,8 +91,11 @@ class Attention(nn.Module):
         sliding_window: int | None = None,
         logits_soft_cap: float | None = None,
         alibi_slopes: torch.Tensor | None = None,
+        causal: bool = True,
     ):
         super().__init__()
+        if not causal and (sliding_window is not None or alibi_slopes is not None):
+            raise ValueError("bidirectional attention takes no sliding window and no ALiBi")
         if alibi_slopes is not None and alibi_slopes.shape != (num_heads,):
             raise ValueError(f"alibi_slopes has shape {tuple(alibi_slopes.shape)}, expected ({num_heads},)")
         self.num_heads = num_heads
@@ -98,6 +105,7 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self.logits_soft_cap = logits_soft_cap
         self.alibi_slopes = None if alibi_slopes is None else alibi_slopes.float()
+        self.causal = causal
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
@@ -105,6 +113,8 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if not self.causal:
+            return self._forward_bidirectional(q, k, v, meta)
         ops.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         options = dict(sliding_window=self.sliding_window, soft_cap=self.logits_soft_cap,
                        alibi_slopes=self.alibi_slopes)
@@ -119,6 +129,19 @@ class Attention(nn.Module):
                 q[p.token_idx], self.k_cache, self.v_cache, p.query_start_loc, p.num_computed, p.block_tables,
                 p.max_query_len, self.scale, **options,
             )
+        return out.view(-1, self.num_heads * self.head_dim)
+
+    def _forward_bidirectional(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               meta: AttentionMetadata) -> torch.Tensor:
+        if meta.decode_token_idx.numel() or any(c.num_computed for c in meta.prefills):
+            raise RuntimeError("bidirectional attention needs every prompt whole in one step: no decodes, "
+                               "no chunked prefill")
+        out = torch.empty_like(q)
+        for c in meta.prefills:
+            s, e = c.query_start, c.query_end
+            keep = torch.ones(e - s, e - s, dtype=torch.bool, device=q.device)
+            out[s:e] = attend(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), keep,
+                              self.scale, self.logits_soft_cap).transpose(0, 1)
         return out.view(-1, self.num_heads * self.head_dim)
 
 

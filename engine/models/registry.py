@@ -12,6 +12,9 @@ class ModelImpl:
     module: str  # engine.models.<module>
     class_name: str
     tasks: tuple[str, ...] = ("generate",)
+    # A decoder checkpoint laid out other than as its causal LM (engine/models/adapters.py):
+    # "body" (XModel) or "score" (XForSequenceClassification); class_name is then the causal LM.
+    adapter: str | None = None
 
     def load_class(self) -> type[nn.Module]:
         return getattr(importlib.import_module(f"engine.models.{self.module}"), self.class_name)
@@ -22,6 +25,48 @@ _NATIVE: dict[str, ModelImpl] = {
     "MistralForCausalLM": ModelImpl("llama", "MistralForCausalLM"),
     "Qwen2ForCausalLM": ModelImpl("llama", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ModelImpl("llama", "Qwen3ForCausalLM"),
+    "GraniteForCausalLM": ModelImpl("llama", "GraniteForCausalLM"),
+    "Phi3ForCausalLM": ModelImpl("llama", "Phi3ForCausalLM"),
+    "GlmForCausalLM": ModelImpl("llama", "GlmForCausalLM"),
+    "NemotronForCausalLM": ModelImpl("llama", "NemotronForCausalLM"),
+    "OlmoForCausalLM": ModelImpl("llama", "OlmoForCausalLM"),
+    "Olmo2ForCausalLM": ModelImpl("llama", "Olmo2ForCausalLM"),
+    "Starcoder2ForCausalLM": ModelImpl("llama", "Starcoder2ForCausalLM"),
+    "MixtralForCausalLM": ModelImpl("llama", "MixtralForCausalLM"),
+    "Qwen2MoeForCausalLM": ModelImpl("llama", "Qwen2MoeForCausalLM"),
+    "OlmoeForCausalLM": ModelImpl("llama", "OlmoeForCausalLM"),
+    "PhimoeForCausalLM": ModelImpl("llama", "PhimoeForCausalLM"),
+    "GraniteMoeForCausalLM": ModelImpl("llama", "GraniteMoeForCausalLM"),
+    "GemmaForCausalLM": ModelImpl("gemma", "GemmaForCausalLM"),
+    "Gemma2ForCausalLM": ModelImpl("gemma", "Gemma2ForCausalLM"),
+    "Gemma3ForCausalLM": ModelImpl("gemma", "Gemma3ForCausalLM"),
+    "GPT2LMHeadModel": ModelImpl("gpt2", "GPT2LMHeadModel"),
+    "GPTBigCodeForCausalLM": ModelImpl("gpt2", "GPTBigCodeForCausalLM"),
+    "GPTNeoXForCausalLM": ModelImpl("gpt_neox", "GPTNeoXForCausalLM"),
+    "PersimmonForCausalLM": ModelImpl("gpt_neox", "PersimmonForCausalLM"),
+    "CohereForCausalLM": ModelImpl("cohere", "CohereForCausalLM"),
+    "Cohere2ForCausalLM": ModelImpl("cohere", "Cohere2ForCausalLM"),
+    "PhiForCausalLM": ModelImpl("phi", "PhiForCausalLM"),
+    "GPTJForCausalLM": ModelImpl("gptj", "GPTJForCausalLM"),
+    "StableLmForCausalLM": ModelImpl("stablelm", "StableLmForCausalLM"),
+    "OPTForCausalLM": ModelImpl("opt", "OPTForCausalLM"),
+    "BloomForCausalLM": ModelImpl("bloom", "BloomForCausalLM"),
+    "FalconForCausalLM": ModelImpl("falcon", "FalconForCausalLM"),
+    "MptForCausalLM": ModelImpl("mpt", "MptForCausalLM"),
+    # Pooling models (engine/models/bert.py; decoders through engine/models/adapters.py).
+    "BertModel": ModelImpl("bert", "BertModel", ("embed", "score")),
+    "RobertaModel": ModelImpl("bert", "RobertaModel", ("embed", "score")),
+    "XLMRobertaModel": ModelImpl("bert", "XLMRobertaModel", ("embed", "score")),
+    "BertForSequenceClassification": ModelImpl("bert", "BertForSequenceClassification", ("classify", "score")),
+    "RobertaForSequenceClassification": ModelImpl("bert", "RobertaForSequenceClassification", ("classify", "score")),
+    "XLMRobertaForSequenceClassification": ModelImpl(
+        "bert", "XLMRobertaForSequenceClassification", ("classify", "score")
+    ),
+    "Qwen2ForSequenceClassification": ModelImpl("llama", "Qwen2ForCausalLM", ("classify", "score"), adapter="score"),
+    "LlamaModel": ModelImpl("llama", "LlamaForCausalLM", ("embed", "score", "reward"), adapter="body"),
+    "MistralModel": ModelImpl("llama", "MistralForCausalLM", ("embed", "score", "reward"), adapter="body"),
+    "Qwen2Model": ModelImpl("llama", "Qwen2ForCausalLM", ("embed", "score", "reward"), adapter="body"),
+    "Gemma2Model": ModelImpl("gemma", "Gemma2ForCausalLM", ("embed", "score", "reward"), adapter="body"),
 }
 
 
@@ -68,3 +113,11 @@ def resolve_model_impl(architectures: list[str] | None, model_impl: str) -> str:
         f"{', '.join(supported_architectures())}); model_impl='transformers' or 'auto' runs it through the "
         f"Transformers backend"
     )
+
+
+# A native causal LM also runs as these pooling tasks (engine/models/adapters.py).
+DECODER_POOLING_TASKS = ("embed", "reward")
+
+
+def supported_tasks(impl: ModelImpl) -> tuple[str, ...]:
+    return impl.tasks + DECODER_POOLING_TASKS if "generate" in impl.tasks else impl.tasks

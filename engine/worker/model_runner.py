@@ -1,5 +1,6 @@
 """Runs one scheduler step: flattens the scheduled sequences into one batch (no padding),
-runs the model over the paged KV cache, and samples the sequences that complete this step."""
+runs the model over the paged KV cache, and samples the sequences that complete this step
+(or, for a pooling model, pools the prompts it ran: execute_pooling)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from engine.config import EngineConfig
 from engine.core.request import Sequence
 from engine.core.scheduler import ScheduledSeq
 from engine.layers.attention import Attention, AttentionMetadata, PrefillChunk
+from engine.layers.pooler import PoolingMetadata
 from engine.layers.sampler import SamplerOutput, SamplingBatch, sample
 from engine.loader import iter_weights
 from engine.models.registry import get_model_impl, resolve_model_impl
@@ -31,6 +33,10 @@ class StepResult:
 
 
 def load_model(config: EngineConfig) -> nn.Module:
+    if config.is_pooling:
+        from engine.models.adapters import load_pooling_model
+
+        return load_pooling_model(config)
     if resolve_model_impl(config.hf_config.architectures, config.model_impl) == "transformers":
         # Imported here: only this path needs the backend (and registers its attention function).
         from engine.models.transformers_backend import load_transformers_model
@@ -55,10 +61,15 @@ class ModelRunner:
         self._allocate_kv_cache()
 
     def _allocate_kv_cache(self) -> None:
-        for layer in self.attention_layers:
-            shape = (self.config.num_kv_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
-            layer.k_cache = torch.zeros(shape, dtype=self.config.dtype, device=self.config.device)
-            layer.v_cache = torch.zeros(shape, dtype=self.config.dtype, device=self.config.device)
+        # Bidirectional (encoder) layers attend within the step and keep no cache.
+        for layer in (a for a in self.attention_layers if a.causal):
+            layer.k_cache, layer.v_cache = (self._cache_tensor(layer) for _ in range(2))
+
+    def _cache_tensor(self, layer: Attention) -> torch.Tensor:
+        """Zeros in the kernels' layout [blocks, block_size, kv_heads, head_dim], stored head-major
+        so that gathering a batch's blocks yields each head's keys contiguous (see gather_kv)."""
+        shape = (layer.num_kv_heads, self.config.num_kv_blocks, self.block_size, layer.head_dim)
+        return torch.zeros(shape, dtype=self.config.dtype, device=self.config.device).permute(1, 2, 0, 3)
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq]) -> StepResult:
@@ -80,6 +91,21 @@ class ModelRunner:
             results.append(PromptLogprobsChunk(seq, first, lp))
             offset += count
         return StepResult(sampled, sampler_output, results)
+
+    @torch.inference_mode()
+    def execute_pooling(self, scheduled: list[ScheduledSeq]) -> list[torch.Tensor]:
+        """One pooled output per scheduled sequence; each runs its whole prompt in this step."""
+        input_ids, positions, meta = self._prepare(scheduled)
+        seqs = [s.seq for s in scheduled]
+        extra = {}
+        if self.model.uses_token_type_ids and any(s.token_type_ids for s in seqs):
+            extra["token_type_ids"] = torch.tensor(
+                [t for s in seqs for t in (s.token_type_ids or [0] * s.num_prompt_tokens)], dtype=torch.long
+            )
+        hidden = self.model(input_ids, positions, meta, **extra)
+        pooling = PoolingMetadata([s.num_new_tokens for s in scheduled], [s.prompt_token_ids for s in seqs],
+                                  [s.params for s in seqs])
+        return self.model.pooler(hidden, pooling)
 
     def _prepare(self, scheduled: list[ScheduledSeq]):
         bs = self.block_size

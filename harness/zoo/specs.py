@@ -97,6 +97,14 @@ _SPECS = [
     _synthetic("tiny-falcon", "FalconForCausalLM",
                "2-layer Falcon, new decoder architecture, 2 K/V groups, parallel attention + MLP"),
     _synthetic("tiny-mpt", "MptForCausalLM", "2-layer MPT, 6 heads, ALiBi, clip_qkv 1.5, no biases"),
+    _synthetic("tiny-mixtral", "MixtralForCausalLM", "2-layer Mixtral, 4 experts top-2, sliding window 32"),
+    _synthetic("tiny-qwen2-moe", "Qwen2MoeForCausalLM",
+               "2-layer Qwen2-MoE, 4 experts top-2 unnormalised, gated shared expert, second layer dense"),
+    _synthetic("tiny-olmoe", "OlmoeForCausalLM", "2-layer OLMoE, 4 experts top-2, q/k RMSNorm, clip_qkv 1.5"),
+    _synthetic("tiny-phimoe", "PhimoeForCausalLM",
+               "2-layer PhiMoE, 4 experts, sparsemixer top-2, LayerNorms, attention and LM-head biases"),
+    _synthetic("tiny-granitemoe", "GraniteMoeForCausalLM",
+               "2-layer GraniteMoE, 4 experts, softmax over top-2 logits, Granite multipliers"),
     # Pooling models (harness/zoo/pooling.py).
     ZooSpec(
         name="all-minilm-l6-v2", architecture="BertModel", kind="real", trained=True, task="embed",

@@ -220,6 +220,35 @@ RECIPES: dict[str, Recipe] = {
     "tiny-mpt": Recipe("MptConfig", {
         "num_hidden_layers": 2, "hidden_size": 96, "num_attention_heads": 6, "attn_config": {"clip_qkv": 1.5},
     }, seed=226, omit=_NOT_LLAMA),
+    # Sparse MoE (engine/layers/moe.py): 4 experts, top-2, each recipe with its own routing.
+    "tiny-mixtral": Recipe("MixtralConfig", {
+        "num_hidden_layers": 2, "tie_word_embeddings": False, "num_local_experts": 4, "num_experts_per_tok": 2,
+        "sliding_window": 32, "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+    }, seed=27),
+    # Un-renormalised top-2 weights, a gated shared expert, the second layer dense (mlp_only_layers).
+    "tiny-qwen2-moe": Recipe("Qwen2MoeConfig", {
+        "num_hidden_layers": 2, "tie_word_embeddings": False, "num_experts": 4, "num_experts_per_tok": 2,
+        "moe_intermediate_size": 96, "shared_expert_intermediate_size": 128, "norm_topk_prob": False,
+        "mlp_only_layers": [1], "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+    }, seed=128),
+    # q/k RMSNorm over all heads, then clipping low enough to clamp; renormalised top-2.
+    "tiny-olmoe": Recipe("OlmoeConfig", {
+        "num_hidden_layers": 2, "tie_word_embeddings": False, "num_experts": 4, "num_experts_per_tok": 2,
+        "norm_topk_prob": True, "clip_qkv": 1.5, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    }, seed=29),
+    # Sparsemixer routing with a jitter threshold wide enough to mask some experts out of the softmax;
+    # LayerNorms with biases, attention and LM-head biases.
+    "tiny-phimoe": Recipe("PhimoeConfig", {
+        "num_hidden_layers": 2, "tie_word_embeddings": False, "num_local_experts": 4, "num_experts_per_tok": 2,
+        "router_jitter_noise": 0.1, "attention_bias": True, "lm_head_bias": True,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+    }, seed=30),
+    # Softmax over the top-2 logits; every Granite multiplier away from 1.
+    "tiny-granitemoe": Recipe("GraniteMoeConfig", {
+        "num_hidden_layers": 2, "tie_word_embeddings": False, "num_local_experts": 4, "num_experts_per_tok": 2,
+        "embedding_multiplier": 0.5, "residual_multiplier": 0.5, "attention_multiplier": 0.1, "logits_scaling": 1.25,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    }, seed=31),
 }
 
 
@@ -310,4 +339,9 @@ def _draw(name: str, shape: torch.Size, generator: torch.Generator) -> torch.Ten
         # 1/sqrt(fan_in) keeps activations at unit scale through every projection.
         scale = _BRANCH_OUTPUT_GAIN if name.endswith(_BRANCH_OUTPUTS) else 1.0
         return scale * torch.randn(shape, generator=generator) / math.sqrt(shape[1])
+    if len(shape) == 3:
+        # Stacked MoE experts [experts, out, in] (Transformers' fused gate_up_proj / down_proj):
+        # each expert drawn like a 2-D projection.
+        scale = _BRANCH_OUTPUT_GAIN if name.endswith("down_proj") else 1.0
+        return scale * torch.randn(shape, generator=generator) / math.sqrt(shape[2])
     raise ValueError(f"no initialisation rule for parameter {name} of shape {tuple(shape)}")

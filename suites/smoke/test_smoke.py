@@ -4,7 +4,8 @@ Three subjects, one check: every architecture in the engine's registry (enumerat
 collection, so a family is checked from the moment it registers), a few architectures vLLM's
 page lists that the engine runs only through the Transformers backend, and each selected
 --model. Each loads, generates on a batch of prompts greedily, by seeded sampling with n > 1,
-and with stop tokens, and every output must be well formed. Nothing is compared with
+and with stop tokens (a pooling model encodes the batch twice instead), and every output must
+be well formed. Nothing is compared with
 Transformers here (that is the strict tier): a tiny checkpoint's text is noise, its shape is not.
 """
 from __future__ import annotations
@@ -72,8 +73,9 @@ def test_registered_architecture(architecture: str, litmus_record, example_promp
     subject(litmus_record, name or f"tiny-{architecture}", architecture, task)
     require_task(task)
     path = zoo.model_path(name) if name else tiny_model_path(architecture)
-    llm = load(litmus_record, str(path), dtype=dtype, model_impl="native", max_model_len=TINY_MAX_MODEL_LEN)
-    litmus_record.metrics.update(run_smoke(llm, example_prompts))
+    llm = load(litmus_record, str(path), dtype=dtype, model_impl="native", max_model_len=TINY_MAX_MODEL_LEN,
+               task=task)
+    litmus_record.metrics.update(run_task_smoke(llm, example_prompts))
 
 
 @pytest.mark.parametrize("architecture", [a for a in BACKEND_CANDIDATES if a not in supported_architectures()])
@@ -91,8 +93,8 @@ def test_transformers_backend(architecture: str, litmus_record, example_prompts:
 
 def test_selected_model(model_spec, model_path: str, litmus_record, example_prompts: list[str], dtype: str):
     require_task(model_spec.task)
-    llm = load(litmus_record, model_path, dtype=dtype)
-    litmus_record.metrics.update(run_smoke(llm, example_prompts))
+    llm = load(litmus_record, model_path, dtype=dtype, task=model_spec.task)
+    litmus_record.metrics.update(run_task_smoke(llm, example_prompts))
 
 
 # --- the check -------------------------------------------------------------------------------
@@ -112,6 +114,46 @@ def load(litmus_record, path: str, **llm_kwargs: Any) -> LLM:
     llm = LLM(path, **llm_kwargs)
     litmus_record.metrics["load_s"] = round(time.perf_counter() - start, 3)
     return llm
+
+
+def run_task_smoke(llm: LLM, prompts: list[str]) -> dict[str, Any]:
+    return run_smoke(llm, prompts) if llm.llm_engine.config.task == "generate" else run_pooling_smoke(llm, prompts)
+
+
+def run_pooling_smoke(llm: LLM, prompts: list[str]) -> dict[str, Any]:
+    """A pooling model encodes the batch: one finite output per prompt, of the shape its task
+    promises (a unit vector, probabilities, one row per token), the same when run again."""
+    start = time.perf_counter()
+    config = llm.llm_engine.config
+    tokenizer = llm.get_tokenizer()
+    fitting = [p for p in prompts if len(tokenizer(p).input_ids) <= config.max_model_len]
+    outputs = llm.encode(fitting, use_tqdm=False)
+    assert len(outputs) == len(fitting), f"{len(outputs)} outputs for {len(fitting)} prompts"
+    for i, (out, prompt) in enumerate(zip(outputs, fitting)):
+        where = f"prompt {i} ({prompt[:30]!r})"
+        data = out.outputs.data
+        assert out.finished, f"{where}: returned unfinished"
+        assert out.prompt_token_ids == tokenizer(prompt).input_ids, f"{where}: prompt tokenized differently"
+        assert torch.isfinite(data).all(), f"{where}: non-finite output"
+        check_pooled_shape(data, config, len(out.prompt_token_ids), where)
+    again = llm.encode(fitting, use_tqdm=False)
+    assert all(torch.equal(a.outputs.data, b.outputs.data) for a, b in zip(outputs, again)), \
+        "encoding the same batch again gave other outputs"
+    return {"encode_s": round(time.perf_counter() - start, 3), "prompts": len(fitting),
+            "prompts_too_long": len(prompts) - len(fitting), "output_shape": list(outputs[0].outputs.data.shape)}
+
+
+def check_pooled_shape(data: torch.Tensor, config, num_tokens: int, where: str) -> None:
+    pooler = config.pooler_config
+    if pooler.pooling_type.value in ("ALL", "STEP"):
+        assert data.dim() == 2 and (pooler.pooling_type.value == "STEP" or data.shape[0] == num_tokens), \
+            f"{where}: shape {tuple(data.shape)} for {num_tokens} tokens"
+        return
+    assert data.dim() == 1 and data.numel() > 0, f"{where}: shape {tuple(data.shape)}, expected one vector"
+    if config.task == "embed" and pooler.normalize:
+        assert abs(data.norm().item() - 1) < 1e-4, f"{where}: embedding norm {data.norm().item()} is not 1"
+    if config.task in ("classify", "score") and pooler.softmax and data.numel() > 1:
+        assert abs(data.sum().item() - 1) < 1e-4, f"{where}: probabilities sum to {data.sum().item()}"
 
 
 def run_smoke(llm: LLM, prompts: list[str]) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The FastAPI app: routes, the request guard (API key, body size), and OpenAI-shaped errors.
 
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions,
-GET /v1/debug/engine (JSON engine state) and GET /metrics (the same, Prometheus text).
+POST /v1/embeddings, GET /v1/debug/engine (JSON engine state) and GET /metrics (the same,
+Prometheus text).
 """
 from __future__ import annotations
 
@@ -24,12 +25,33 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.core.async_engine import AsyncLLMEngine, EngineDeadError
 from engine.entrypoints.openai.protocol import (
-    DEFAULT_MAX_REQUEST_BYTES, APIError, ChatCompletionRequest, CompletionRequest, validation_error,
+    DEFAULT_MAX_REQUEST_BYTES,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    validation_error,
 )
 from engine.entrypoints.openai.serving import ClientDisconnected, OpenAIServing
 
 logger = logging.getLogger(__name__)
 BodyT = TypeVar("BodyT", bound=BaseModel)
+
+# EngineStats field -> (Prometheus type, help); /metrics names it litmus_<field>, counters with _total.
+METRICS = {
+    "num_requests": ("gauge", "Requests in the engine: added, neither finished nor aborted."),
+    "num_running": ("gauge", "Sequences in the running batch."),
+    "num_waiting": ("gauge", "Sequences queued for the running batch."),
+    "kv_blocks_in_use": ("gauge", "KV cache blocks held by sequences."),
+    "num_kv_blocks": ("gauge", "KV cache blocks in all."),
+    "alive": ("gauge", "1 while the engine thread runs."),
+    "num_steps": ("counter", "Engine steps run."),
+    "num_finished_requests": ("counter", "Requests finished."),
+    "num_aborted_requests": ("counter", "Requests aborted (client gone)."),
+    "num_preemptions": ("counter", "Sequences preempted for lack of KV blocks (recomputed later)."),
+    "prompt_tokens": ("counter", "Prompt tokens of the requests added."),
+    "generation_tokens": ("counter", "Tokens generated."),
+}
 
 
 @dataclass
@@ -76,21 +98,31 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
         body = await _parse_body(request, ChatCompletionRequest)
         return await serving.chat(body, request)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        body = await _parse_body(request, EmbeddingRequest)
+        return await serving.embeddings(body, request)
+
     @app.get("/v1/debug/engine")
     async def debug_engine() -> Response:
         return JSONResponse(asdict(engine.stats))
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        lines = []
-        for name, value in asdict(engine.stats).items():
-            lines.append(f"# TYPE litmus_{name} gauge")
-            lines.append(f"litmus_{name} {int(value)}")
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(prometheus_text(asdict(engine.stats)), media_type="text/plain; version=0.0.4")
 
     # Outermost, so oversized or unauthenticated requests never reach routing or parsing.
     app.add_middleware(RequestGuard, api_key=settings.api_key, max_request_bytes=settings.max_request_bytes)
     return app
+
+
+def prometheus_text(stats: dict[str, int | bool]) -> str:
+    lines = []
+    for field, value in stats.items():
+        kind, help_text = METRICS[field]
+        name = f"litmus_{field}" + ("_total" if kind == "counter" else "")
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {int(value)}"]
+    return "\n".join(lines) + "\n"
 
 
 async def _parse_body(request: Request, model: type[BodyT]) -> BodyT:

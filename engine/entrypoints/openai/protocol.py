@@ -71,6 +71,8 @@ class _SamplingFields(_Body):
     stop_token_ids: list[StrictInt] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Logprob tokens as "token_id:<id>": token texts repeat (and may be partial UTF-8), ids do not.
+    return_tokens_as_token_ids: bool = False
 
 
 class CompletionRequest(_SamplingFields):
@@ -107,6 +109,14 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+
+
+class EmbeddingRequest(_Body):
+    model: str | None = None
+    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
 
 
 def validation_error(exc: ValidationError) -> APIError:

@@ -6,6 +6,7 @@ so a bad request is one 4xx answer and never touches other requests' batches.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -16,14 +17,21 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from engine.core.async_engine import AsyncLLMEngine, EngineDeadError, GenerateRequest
 from engine.entrypoints.openai.protocol import (
-    DEFAULT_COMPLETION_MAX_TOKENS, MAX_STOP_SEQUENCES, APIError, ChatCompletionRequest, CompletionRequest,
+    DEFAULT_COMPLETION_MAX_TOKENS,
+    MAX_STOP_SEQUENCES,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
 )
-from engine.outputs import CompletionOutput, Logprob, RequestOutput
+from engine.outputs import CompletionOutput, EmbeddingRequestOutput, Logprob, RequestOutput
+from engine.pooling_params import PoolingParams
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -42,6 +50,7 @@ class PreparedRequest:
     engine_requests: list[GenerateRequest]
     n: int
     num_logprobs: int | None  # None: no logprobs in the answer
+    tokens_as_ids: bool  # logprob tokens as "token_id:<id>"
     stream: bool
     include_usage: bool
     holdback: int  # characters a stream withholds until a stop string can no longer match
@@ -93,7 +102,7 @@ class OpenAIServing:
         choices = [
             {
                 "index": p * prep.n + c.index, "text": c.text,
-                "logprobs": completion_logprobs(c.token_ids, c.logprobs, prep.num_logprobs)
+                "logprobs": completion_logprobs(c.token_ids, c.logprobs, prep.num_logprobs, prep.tokens_as_ids)[0]
                 if prep.num_logprobs is not None else None,
                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
             }
@@ -106,6 +115,7 @@ class OpenAIServing:
 
     def prepare_completion(self, req: CompletionRequest) -> PreparedRequest:
         model = self.check_model(req.model)
+        self.check_task("generate", "/v1/completions")
         if req.echo:
             raise APIError(400, "echo is not supported", param="echo")
         if req.suffix is not None:
@@ -113,7 +123,7 @@ class OpenAIServing:
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, f"best_of must equal n ({req.n}) if given: best-of selection is not supported",
                            param="best_of")
-        prompts = self._completion_prompts(req.prompt)
+        prompts = self._prompts(req.prompt, "prompt")
         explicit = "max_tokens" in req.model_fields_set and req.max_tokens is not None
         request_id = f"cmpl-{uuid.uuid4().hex}"
         engine_requests = []
@@ -124,7 +134,8 @@ class OpenAIServing:
             engine_requests.append(GenerateRequest(f"{request_id}-{i}", text, ids, params))
         return self._prepared(req, request_id, model, engine_requests, req.logprobs)
 
-    def _completion_prompts(self, prompt: Any) -> list[tuple[str | None, list[int]]]:
+    def _prompts(self, prompt: Any, param: str) -> list[tuple[str | None, list[int]]]:
+        """A string, a batch of strings, one token-id list or a batch of them, as (text, ids) pairs."""
         if isinstance(prompt, str):
             items: list[str | list[int]] = [prompt]
         elif prompt and all(isinstance(p, int) for p in prompt):
@@ -132,17 +143,17 @@ class OpenAIServing:
         else:
             items = list(prompt)
         if not items:
-            raise APIError(400, "prompt is empty: give a string, a token-id list, or a non-empty list of them",
-                           param="prompt")
+            raise APIError(400, f"{param} is empty: give a string, a token-id list, or a non-empty list of them",
+                           param=param)
         prompts = []
         for item in items:
             if isinstance(item, str):
                 if not item:
-                    raise APIError(400, "prompt is empty: it must contain at least one character", param="prompt")
+                    raise APIError(400, f"{param} is empty: it must contain at least one character", param=param)
                 prompts.append((item, self.engine.engine.tokenize(item)))
             else:
                 prompts.append((None, list(item)))
-            self._validate_prompt(prompts[-1][1], "prompt")
+            self._validate_prompt(prompts[-1][1], param)
         return prompts
 
     # --- /v1/chat/completions -----------------------------------------------------------------
@@ -156,7 +167,7 @@ class OpenAIServing:
         choices = [
             {
                 "index": c.index, "message": {"role": "assistant", "content": c.text},
-                "logprobs": chat_logprobs(c.token_ids, c.logprobs, prep.num_logprobs)
+                "logprobs": chat_logprobs(c.token_ids, c.logprobs, prep.num_logprobs, prep.tokens_as_ids)
                 if prep.num_logprobs is not None else None,
                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
             }
@@ -169,6 +180,7 @@ class OpenAIServing:
 
     def prepare_chat(self, req: ChatCompletionRequest) -> PreparedRequest:
         model = self.check_model(req.model)
+        self.check_task("generate", "/v1/chat/completions")
         if req.tools:
             raise APIError(400, "tools are not supported by this server", param="tools")
         if req.response_format and req.response_format.get("type", "text") != "text":
@@ -204,6 +216,36 @@ class OpenAIServing:
         # The rendered template already holds BOS and other special tokens.
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
+    # --- /v1/embeddings ---------------------------------------------------------------------------
+    async def embeddings(self, req: EmbeddingRequest, raw: Request) -> Response:
+        self.check_engine()
+        model = self.check_model(req.model)
+        self.check_task("embed", "/v1/embeddings")
+        prompts = self._prompts(req.input, "input")
+        try:
+            params = PoolingParams(dimensions=req.dimensions)
+            self.engine.engine.validate_pooling_params(params)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="dimensions") from exc
+        request_id = f"embd-{uuid.uuid4().hex}"
+        engine_requests = [GenerateRequest(f"{request_id}-{i}", text, ids, params)
+                           for i, (text, ids) in enumerate(prompts)]
+        finals = await _collect_or_abort(raw, self.engine.generate_many(engine_requests))
+        data = [
+            {"object": "embedding", "index": i,
+             "embedding": _embedding(EmbeddingRequestOutput.from_base(out).outputs.embedding, req.encoding_format)}
+            for i, out in sorted(finals.items())
+        ]
+        tokens = sum(len(out.prompt_token_ids) for out in finals.values())
+        return JSONResponse({"object": "list", "data": data, "model": model,
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    def check_task(self, task: str, endpoint: str) -> None:
+        served = self.engine.engine.config.task
+        if served != task:
+            raise APIError(400, f"the model is served for task={served!r}; {endpoint} needs task={task!r}",
+                           param="model", code="unsupported_task")
+
     # --- shared checks --------------------------------------------------------------------------
     def _validate_prompt(self, ids: list[int], param: str) -> None:
         try:
@@ -230,7 +272,7 @@ class OpenAIServing:
         stop = engine_requests[0].params.stop
         return PreparedRequest(
             request_id=request_id, model=model, created=int(time.time()), engine_requests=engine_requests,
-            n=req.n, num_logprobs=num_logprobs, stream=req.stream,
+            n=req.n, num_logprobs=num_logprobs, tokens_as_ids=req.return_tokens_as_token_ids, stream=req.stream,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
             holdback=max((len(s) for s in stop), default=1) - 1,
         )
@@ -257,9 +299,9 @@ class OpenAIServing:
                     text, first, last = delta
                     logprobs = None
                     if prep.num_logprobs is not None:
-                        logprobs = completion_logprobs(c.token_ids[first:last], c.logprobs[first:last],
-                                                       prep.num_logprobs, text_offset=cursor.token_chars)
-                        cursor.token_chars += sum(len(t) for t in logprobs["tokens"])
+                        logprobs, cursor.token_chars = completion_logprobs(
+                            c.token_ids[first:last], c.logprobs[first:last], prep.num_logprobs, prep.tokens_as_ids,
+                            text_offset=cursor.token_chars)
                     yield chunk([{"index": p * prep.n + c.index, "text": text, "logprobs": logprobs,
                                   "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}])
         if prep.include_usage:
@@ -290,7 +332,8 @@ class OpenAIServing:
                     text, first, last = delta
                     logprobs = None
                     if prep.num_logprobs is not None:
-                        logprobs = chat_logprobs(c.token_ids[first:last], c.logprobs[first:last], prep.num_logprobs)
+                        logprobs = chat_logprobs(c.token_ids[first:last], c.logprobs[first:last], prep.num_logprobs,
+                                                 prep.tokens_as_ids)
                     yield chunk([{"index": c.index, "delta": {"content": text} if text else {},
                                   "logprobs": logprobs, "finish_reason": c.finish_reason,
                                   "stop_reason": c.stop_reason}])
@@ -356,6 +399,13 @@ def _sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens:
         raise APIError(400, message, param=name) from exc
 
 
+def _embedding(vector: list[float], encoding_format: str) -> list[float] | str:
+    if encoding_format == "base64":
+        # OpenAI's packing (what its client decodes): little-endian float32.
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return vector
+
+
 def _message_text(content: Any) -> str:
     if content is None:
         return ""
@@ -380,34 +430,40 @@ def _top(entry: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
                   key=lambda item: item[1].rank)[:k]
 
 
-def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]] | None, k: int,
-                        text_offset: int = 0) -> dict[str, list]:
-    """The legacy completions shape: parallel lists, top_logprobs keyed by token text."""
+def _label(token: int, lp: Logprob, as_ids: bool) -> str:
+    return f"token_id:{token}" if as_ids else lp.decoded_token or ""
+
+
+def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]] | None, k: int, as_ids: bool,
+                        text_offset: int = 0) -> tuple[dict[str, list], int]:
+    """The legacy completions shape (parallel lists, top_logprobs keyed by token), and the
+    text offset just past these tokens."""
     tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
     for token, entry in zip(token_ids, logprobs or []):
         chosen = entry[token]
-        text = chosen.decoded_token or ""
-        tokens.append(text)
+        label = _label(token, chosen, as_ids)
+        tokens.append(label)
         token_logprobs.append(_finite(chosen.logprob))
-        top: dict[str, float] = {text: _finite(chosen.logprob)}
+        top: dict[str, float] = {label: _finite(chosen.logprob)}
         for t, lp in _top(entry, k):
-            top.setdefault(lp.decoded_token or "", _finite(lp.logprob))
+            top.setdefault(_label(t, lp, as_ids), _finite(lp.logprob))
         top_logprobs.append(top)
         offsets.append(text_offset)
-        text_offset += len(text)
+        text_offset += len(chosen.decoded_token or "")
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
-            "text_offset": offsets}
+            "text_offset": offsets}, text_offset
 
 
-def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]] | None, k: int) -> dict[str, list]:
+def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]] | None, k: int,
+                  as_ids: bool) -> dict[str, list]:
     """The chat shape: one object per token with its top-k alternatives."""
-    def item(lp: Logprob) -> dict[str, Any]:
-        text = lp.decoded_token or ""
-        return {"token": text, "logprob": _finite(lp.logprob), "bytes": list(text.encode("utf-8"))}
+    def item(token: int, lp: Logprob) -> dict[str, Any]:
+        return {"token": _label(token, lp, as_ids), "logprob": _finite(lp.logprob),
+                "bytes": list((lp.decoded_token or "").encode("utf-8"))}
 
     content = []
     for token, entry in zip(token_ids, logprobs or []):
-        content.append({**item(entry[token]), "top_logprobs": [item(lp) for _, lp in _top(entry, k)]})
+        content.append({**item(token, entry[token]), "top_logprobs": [item(t, lp) for t, lp in _top(entry, k)]})
     return {"content": content}
 
 

@@ -221,14 +221,28 @@ def _unlisted_row(architecture: str | None, task: str | None) -> Row:
 
 
 def _implemented(names: list[str | None], task: str | None) -> bool:
+    """Whether the engine runs the architecture for the task: natively, or (generation only)
+    through the Transformers backend, which needs a Transformers class that takes custom
+    attention. A model may still be refused when it loads (its config says more); the
+    tiers' records tell."""
     # Imported here: the registry imports torch, and `litmus --help` should not wait for it.
-    from engine.models.registry import UnsupportedArchitectureError, get_model_impl
+    from engine.models.registry import UnsupportedArchitectureError, get_model_impl, supported_tasks
 
+    names = [n for n in names if n]
     try:
-        _, impl = get_model_impl([n for n in names if n])
+        _, impl = get_model_impl(names)
     except UnsupportedArchitectureError:
-        return False
-    return task is None or task in impl.tasks
+        return task in (None, "generate") and any(map(_backend_can_run, names))
+    return task is None or task in supported_tasks(impl)
+
+
+def _backend_can_run(architecture: str) -> bool:
+    import transformers
+    from transformers import GenerationMixin, PreTrainedModel
+
+    cls = getattr(transformers, architecture, None)
+    return (isinstance(cls, type) and issubclass(cls, PreTrainedModel) and issubclass(cls, GenerationMixin)
+            and cls.is_backend_compatible())
 
 
 def _row_for_record(record: ResultRecord, rows: dict[tuple, Row]) -> Row:

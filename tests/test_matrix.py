@@ -128,9 +128,13 @@ def test_every_documented_architecture_has_a_row_even_without_records():
 def test_untested_reason_says_whether_the_engine_implements_the_architecture():
     matrix = matrix_of([])
     assert row(matrix, "LlamaForCausalLM").tiers["smoke"].reason == NO_RECORDS
+    # Aquila needs remote code: neither native nor a Transformers class for the backend.
     assert row(matrix, "AquilaForCausalLM").tiers["smoke"].reason == NOT_IMPLEMENTED
-    # The engine's Llama generates; the embedding row of the same class is not implemented.
-    assert row(matrix, "LlamaForCausalLM", "embedding").tiers["smoke"].reason == NOT_IMPLEMENTED
+    # Native Llama also embeds (last-token pooling); Mixtral generates through the backend.
+    assert row(matrix, "LlamaForCausalLM", "embedding").tiers["smoke"].reason == NO_RECORDS
+    assert row(matrix, "MixtralForCausalLM").implemented
+    # The backend does not pool, and Jamba's classifier is not native.
+    assert row(matrix, "JambaForSequenceClassification", "classification").tiers["smoke"].reason == NOT_IMPLEMENTED
 
 
 def test_records_map_to_rows_by_architecture_alias_and_task():

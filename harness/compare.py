@@ -1,14 +1,17 @@
-"""Comparators deciding whether two greedy generations come from the same model.
+"""Comparators deciding whether two greedy generations, or two scorings of the same prompts,
+come from the same model.
 
 Outputs are the runners' plain tuples: (token_ids, text) or (token_ids, text, top_logprobs)
 where top_logprobs holds, per generated position, token id -> logprob for the top-k plus
-the chosen token.
+the chosen token; prompt logprobs are (prompt_token_ids, prompt_logprobs), the same dicts
+per prompt position with the prompt's own token in place of the chosen one and None at
+position 0.
 """
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +24,7 @@ DEFAULT_LOGPROB_ATOL = 1e-3
 class ComparisonError(AssertionError):
     """A failed comparison; `comparison` keeps the measurements for the result record."""
 
-    def __init__(self, message: str, comparison: LogprobsComparison) -> None:
+    def __init__(self, message: str, comparison: LogprobsComparison | PromptLogprobsComparison) -> None:
         super().__init__(message)
         self.comparison = comparison
 
@@ -43,13 +46,19 @@ class PromptComparison:
     def identical(self) -> bool:
         return self.first_divergence is None and self.length_0 == self.length_1
 
+    @property
+    def matched_tokens(self) -> int:
+        """Tokens both sides chose alike before any divergence."""
+        return min(self.length_0, self.length_1) if self.first_divergence is None else self.first_divergence
+
 
 @dataclass
-class LogprobsComparison:
+class _Comparison:
+    """What every comparison of a batch of prompts measures (subclasses add `prompts`)."""
+
     name_0: str
     name_1: str
     atol: float
-    prompts: list[PromptComparison]
 
     @property
     def passed(self) -> bool:
@@ -59,15 +68,39 @@ class LogprobsComparison:
     def max_abs_logprob_diff(self) -> float:
         return max((p.max_abs_logprob_diff for p in self.prompts), default=0.0)
 
-    def metrics(self) -> dict[str, float | int]:
+    def metrics(self) -> dict[str, float | int | None]:
         return {
             "prompts": len(self.prompts),
-            "identical_prompts": sum(p.identical for p in self.prompts),
-            "divergent_prompts": sum(p.first_divergence is not None for p in self.prompts),
             "compared_positions": sum(p.compared_positions for p in self.prompts),
             "max_abs_logprob_diff": self.max_abs_logprob_diff,
             "logprob_atol": self.atol,
         }
+
+    def _raise_if_failed(self) -> None:
+        failed = [p for p in self.prompts if p.problems]
+        if failed:
+            details = "\n".join(problem for p in failed for problem in p.problems)
+            raise ComparisonError(
+                f"{self.name_0} vs {self.name_1}: {len(failed)} of {len(self.prompts)} prompts fail\n{details}", self
+            )
+
+
+@dataclass
+class LogprobsComparison(_Comparison):
+    prompts: list[PromptComparison]
+
+    def metrics(self) -> dict[str, float | int | None]:
+        return {
+            **super().metrics(),
+            "identical_prompts": sum(p.identical for p in self.prompts),
+            "divergent_prompts": sum(p.first_divergence is not None for p in self.prompts),
+            "first_divergence": _earliest(p.first_divergence for p in self.prompts),
+            "matched_tokens": sum(p.matched_tokens for p in self.prompts),
+        }
+
+
+def _earliest(positions: Iterable[int | None]) -> int | None:
+    return min((pos for pos in positions if pos is not None), default=None)
 
 
 def check_outputs_equal(
@@ -156,12 +189,7 @@ def check_logprobs_close(
         for index, (out_0, out_1) in enumerate(zip(outputs_0, outputs_1))
     ]
     comparison = LogprobsComparison(name_0, name_1, atol, prompts)
-    if not comparison.passed:
-        failed = [p for p in prompts if p.problems]
-        details = "\n".join(problem for p in failed for problem in p.problems)
-        raise ComparisonError(
-            f"{name_0} vs {name_1}: {len(failed)} of {len(prompts)} prompts fail\n{details}", comparison
-        )
+    comparison._raise_if_failed()
     if warn_on_mismatch:
         for p in prompts:
             if p.first_divergence is not None:
@@ -259,6 +287,158 @@ def _malformed(index: int, name: str, ids: Sequence[int], top: Sequence[dict[int
     if missing:
         return [f"prompt {index}: {name}'s logprobs lack its own chosen token at positions {missing}"]
     return []
+
+
+@dataclass
+class PromptLogprobsDiff:
+    """One prompt as scored by both sides."""
+
+    prompt_index: int
+    num_tokens: int
+    # Every position after the first, which nothing predicts.
+    compared_positions: int = 0
+    # Positions whose top-k token sets are the same on both sides.
+    matched_positions: int = 0
+    # First position whose top-k sets differ (passing only as a near-tie at the k-th rank).
+    first_topk_mismatch: int | None = None
+    max_abs_logprob_diff: float = 0.0
+    max_diff_position: int | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PromptLogprobsComparison(_Comparison):
+    num_logprobs: int
+    prompts: list[PromptLogprobsDiff]
+
+    def metrics(self) -> dict[str, float | int | None]:
+        return {
+            **super().metrics(),
+            "matched_topk_positions": sum(p.matched_positions for p in self.prompts),
+            "first_topk_mismatch": _earliest(p.first_topk_mismatch for p in self.prompts),
+            "num_logprobs": self.num_logprobs,
+        }
+
+
+def check_prompt_logprobs_close(
+    outputs_0: Sequence[Sequence[Any]],
+    outputs_1: Sequence[Sequence[Any]],
+    name_0: str,
+    name_1: str,
+    *,
+    num_logprobs: int,
+    atol: float = DEFAULT_LOGPROB_ATOL,
+    tokenizer: Any = None,
+) -> PromptLogprobsComparison:
+    """Both sides score the same prompts alike at every prompt position.
+
+    The prompts must tokenize to the same ids. Every prompt position conditions on the same
+    prefix on both sides, so at each one the logprobs of tokens both sides report (the
+    prompt's own token always) agree within `atol`, and the top-`num_logprobs` sets are
+    equal except across a near-tie at the k-th rank: a token in one side's top-k only may
+    score there at most `atol` above the other side's k-th logprob, else the other side
+    could not have left it out had both computed the same distribution.
+    """
+    _check_same_prompt_count(outputs_0, outputs_1, name_0, name_1)
+    names, fmt = (name_0, name_1), _TokenFormatter(tokenizer)
+    prompts = [
+        _compare_prompt_logprobs(index, out_0, out_1, names, num_logprobs, atol, fmt)
+        for index, (out_0, out_1) in enumerate(zip(outputs_0, outputs_1))
+    ]
+    comparison = PromptLogprobsComparison(name_0, name_1, atol, num_logprobs, prompts)
+    comparison._raise_if_failed()
+    return comparison
+
+
+def _compare_prompt_logprobs(
+    index: int,
+    out_0: Sequence[Any],
+    out_1: Sequence[Any],
+    names: tuple[str, str],
+    k: int,
+    atol: float,
+    fmt: _TokenFormatter,
+) -> PromptLogprobsDiff:
+    (ids_0, steps_0), (ids_1, steps_1) = out_0, out_1
+    ids_0, ids_1 = list(ids_0), list(ids_1)
+    result = PromptLogprobsDiff(index, len(ids_0))
+    result.problems = _malformed_prompt_logprobs(index, names[0], ids_0, steps_0, k) + _malformed_prompt_logprobs(
+        index, names[1], ids_1, steps_1, k
+    )
+    if ids_0 != ids_1:
+        at = _first_difference(ids_0, ids_1)
+        at = min(len(ids_0), len(ids_1)) if at is None else at
+        result.problems.append(
+            f"prompt {index}: tokenized differently from position {at}: "
+            f"{names[0]} {ids_0[at:at + 5]}, {names[1]} {ids_1[at:at + 5]}"
+        )
+    if result.problems:
+        return result
+
+    result.compared_positions = max(len(ids_0) - 1, 0)
+    diff, at = _max_logprob_diff(steps_0[1:], steps_1[1:])
+    result.max_abs_logprob_diff, result.max_diff_position = diff, None if at is None else at + 1
+    beyond_tie = []
+    for pos in range(1, len(ids_0)):
+        steps = (steps_0[pos], steps_1[pos])
+        tops = (_top_k_set(steps[0], ids_0[pos], k), _top_k_set(steps[1], ids_0[pos], k))
+        if tops[0] == tops[1]:
+            result.matched_positions += 1
+            continue
+        if result.first_topk_mismatch is None:
+            result.first_topk_mismatch = pos
+        if _beyond_near_tie(steps, tops, atol):
+            beyond_tie.append(pos)
+    if beyond_tie:
+        pos = beyond_tie[0]
+        result.problems.append(
+            f"prompt {index}: top-{k} sets differ beyond a near-tie at {len(beyond_tie)} of "
+            f"{result.compared_positions} positions, first at position {pos} (prompt token {fmt(ids_0[pos])})\n"
+            + fmt.top_k_lines(names, (steps_0[pos], steps_1[pos]))
+        )
+    if diff > atol:
+        at = result.max_diff_position
+        result.problems.append(
+            f"prompt {index}, position {at}: prompt logprobs differ by {diff:.3g} > atol {atol:g}\n"
+            + fmt.top_k_lines(names, (steps_0[at], steps_1[at]))
+        )
+    return result
+
+
+def _top_k_set(step: dict[int, float], prompt_token: int, k: int) -> set[int]:
+    """A position's top-k: all its entries, less the prompt's own token when that ranked below
+    the top k and so came as the extra (k+1)-th entry."""
+    return set(step) - {prompt_token} if len(step) > k else set(step)
+
+
+def _beyond_near_tie(
+    steps: tuple[dict[int, float], dict[int, float]], tops: tuple[set[int], set[int]], atol: float
+) -> bool:
+    for side, other in ((0, 1), (1, 0)):
+        kth = min((steps[other][token] for token in tops[other]), default=-math.inf)
+        if any(steps[side][token] > kth + atol for token in tops[side] - tops[other]):
+            return True
+    return False
+
+
+def _malformed_prompt_logprobs(
+    index: int, name: str, ids: Sequence[int], steps: Sequence[dict[int, float] | None], k: int
+) -> list[str]:
+    if len(steps) != len(ids):
+        return [f"prompt {index}: {name} has {len(ids)} prompt tokens but logprobs for {len(steps)} positions"]
+    problems = []
+    if steps and steps[0] is not None:
+        problems.append(f"prompt {index}: {name} has logprobs at position 0, which no token precedes")
+    lacking = [pos for pos in range(1, len(ids)) if steps[pos] is None or ids[pos] not in steps[pos]]
+    if lacking:
+        problems.append(f"prompt {index}: {name}'s prompt logprobs lack the prompt's own token at positions {lacking}")
+    sized = [pos for pos in range(1, len(ids)) if steps[pos] is not None and len(steps[pos]) not in (k, k + 1)]
+    if sized:
+        problems.append(
+            f"prompt {index}: {name} has {len(steps[sized[0]])} logprobs at position {sized[0]} "
+            f"({len(sized)} positions in all), not the top {k} plus the prompt token"
+        )
+    return problems
 
 
 def _first_difference(ids_0: Sequence[int], ids_1: Sequence[int]) -> int | None:

@@ -346,6 +346,17 @@ def engine_runner(dtype: str) -> type[EngineRunner]:
     return functools.partial(EngineRunner, dtype=dtype)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Any:
+    """Torch on one intra-op thread for a module: tiny models gain nothing from a second, and
+    on a few cores shared with other processes (xdist workers, other jobs) two spinning
+    threads per process made a SmolLM2 decode step ~6x slower in CPU time (measured)."""
+    from harness.runners import torch_threads
+
+    with torch_threads(1):
+        yield
+
+
 @pytest.fixture(scope="session")
 def example_prompts() -> list[str]:
     return list(EXAMPLE_PROMPTS)

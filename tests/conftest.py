@@ -13,18 +13,6 @@ _CORPUS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster when other processes share
-    the cores (two spinning threads per process oversubscribe a 2-core machine ~60x)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A seeded 2-layer Llama with a byte-level BPE tokenizer, saved as an HF directory.
@@ -53,7 +41,9 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    model.generation_config.update(do_sample=True, temperature=0.7, top_k=3, repetition_penalty=1.3, no_repeat_ngram_size=2)
+    model.generation_config.update(
+        do_sample=True, temperature=0.7, top_k=3, repetition_penalty=1.3, no_repeat_ngram_size=2
+    )
     model.save_pretrained(path)
     return path
 

@@ -9,6 +9,7 @@ from harness.compare import (
     ComparisonError,
     check_logprobs_close,
     check_outputs_equal,
+    check_prompt_logprobs_close,
     check_text_where_tokens_match,
 )
 
@@ -47,6 +48,8 @@ def test_identical_outputs_pass_with_zero_difference():
     assert [p.first_divergence for p in result.prompts] == [None, None]
     assert result.metrics()["identical_prompts"] == 2
     assert result.metrics()["compared_positions"] == 5
+    assert result.metrics()["matched_tokens"] == 5
+    assert result.metrics()["first_divergence"] is None
 
 
 def test_divergence_between_near_tied_tokens_passes_and_warns():
@@ -58,6 +61,8 @@ def test_divergence_between_near_tied_tokens_passes_and_warns():
     assert prompt.first_divergence == 2
     assert prompt.compared_positions == 3
     assert not prompt.identical
+    assert result.metrics()["first_divergence"] == 2
+    assert result.metrics()["matched_tokens"] == 2
 
 
 def test_no_warning_when_asked_not_to():
@@ -258,6 +263,101 @@ def test_text_is_compared_only_where_tokens_match_with_original_indices():
     assert check_text_where_tokens_match(hf[:1], engine[:1], "hf", "engine") == 0
 
 
+# --- check_prompt_logprobs_close ---------------------------------------------------------
+
+K = 2
+
+
+def scored(ids: list[int], steps: dict[int, dict[int, float]] | None = None):
+    """Prompt logprobs (top-2 plus the prompt token) where each prompt token leads its top-2,
+    unless `steps` gives a position's dict."""
+    steps = steps or {}
+    return list(ids), [None] + [steps.get(pos, {ids[pos]: -0.2, 900: -2.5}) for pos in range(1, len(ids))]
+
+
+def compare_prompts(outputs_0, outputs_1, **kwargs):
+    return check_prompt_logprobs_close(outputs_0, outputs_1, "hf", "engine", num_logprobs=K, **kwargs)
+
+
+def test_identical_prompt_logprobs_pass():
+    outputs = [scored([1, 2, 3, 4]), scored([5, 6])]
+    result = compare_prompts(outputs, outputs)
+    assert result.passed
+    assert result.metrics() == {
+        "prompts": 2, "compared_positions": 4, "matched_topk_positions": 4, "first_topk_mismatch": None,
+        "max_abs_logprob_diff": 0.0, "logprob_atol": 1e-3, "num_logprobs": K,
+    }
+
+
+def test_a_prompt_token_outside_the_top_k_is_not_part_of_the_set():
+    # At position 1 the prompt token 2 ranks third: the dict holds the top-2 plus it.
+    hf = scored([1, 2], {1: {7: -0.5, 8: -1.0, 2: -4.0}})
+    engine = scored([1, 2], {1: {8: -1.0, 7: -0.5, 2: -4.0003}})
+    result = compare_prompts([hf], [engine])
+    assert result.metrics()["matched_topk_positions"] == 1
+    assert result.max_abs_logprob_diff == pytest.approx(3e-4)
+
+
+def test_top_k_sets_may_differ_across_a_near_tie_at_the_kth_rank():
+    # Tokens 8 and 9 tie for the second rank; each side kept a different one.
+    hf = scored([1, 2, 3], {2: {3: -0.5, 8: -1.2000, 9: -1.2003}})
+    engine = scored([1, 2, 3], {2: {3: -0.5, 9: -1.2001, 8: -1.2004}})
+    hf[1][2].pop(9)
+    engine[1][2].pop(8)
+    result = compare_prompts([hf], [engine])
+    assert result.prompts[0].first_topk_mismatch == 2
+    assert result.metrics()["matched_topk_positions"] == 1
+    assert result.metrics()["first_topk_mismatch"] == 2
+
+
+@pytest.mark.parametrize("outsider_side", [0, 1])
+def test_a_top_k_token_the_other_side_ranks_well_below_is_caught(outsider_side):
+    # A planted divergence: one side's second choice scores far above the other's k-th logprob.
+    tops = [{3: -0.1, 8: -1.0}, {3: -0.1, 9: -4.0}]
+    if outsider_side:
+        tops.reverse()
+    with pytest.raises(ComparisonError) as failure:
+        compare_prompts([scored([1, 2, 3], {2: tops[0]})], [scored([1, 2, 3], {2: tops[1]})], tokenizer=FakeTokenizer())
+    message = str(failure.value)
+    assert "prompt 0: top-2 sets differ beyond a near-tie at 1 of 2 positions, first at position 2" in message
+    assert "(prompt token 3 '<t3>')" in message
+    assert failure.value.comparison.prompts[0].first_topk_mismatch == 2
+
+
+def test_a_prompt_logprob_beyond_atol_fails_with_its_position():
+    hf = scored([1, 2, 3], {2: {3: -0.2, 900: -2.5}})
+    engine = scored([1, 2, 3], {2: {3: -0.26, 900: -2.5}})
+    with pytest.raises(ComparisonError, match=r"prompt 0, position 2: prompt logprobs differ by 0\.06 > atol 0\.01"):
+        compare_prompts([hf], [engine], atol=1e-2)
+
+
+def test_a_nan_prompt_logprob_fails():
+    engine = scored([1, 2], {1: {2: float("nan"), 900: -2.5}})
+    with pytest.raises(ComparisonError, match="prompt logprobs differ by inf"):
+        compare_prompts([scored([1, 2])], [engine])
+
+
+def test_prompts_tokenized_differently_fail():
+    expected = r"prompt 1: tokenized differently from position 2: hf \[3, 4\], engine \[5\]"
+    with pytest.raises(ComparisonError, match=expected):
+        compare_prompts([scored([1]), scored([1, 2, 3, 4])], [scored([1]), scored([1, 2, 5])])
+
+
+@pytest.mark.parametrize(
+    ("broken", "message"),
+    [
+        (([1, 2, 3], [None, {2: -0.2, 900: -2.5}]), "engine has 3 prompt tokens but logprobs for 2 positions"),
+        (([1, 2], [{1: -0.1, 900: -2.5}, {2: -0.2, 900: -2.5}]), "engine has logprobs at position 0"),
+        (([1, 2], [None, {7: -0.2, 900: -2.5}]), r"lack the prompt's own token at positions \[1\]"),
+        (([1, 2], [None, None]), r"lack the prompt's own token at positions \[1\]"),
+        (([1, 2], [None, {2: -0.2}]), "engine has 1 logprobs at position 1 .1 positions in all., not the top 2"),
+    ],
+)
+def test_malformed_prompt_logprobs_are_named(broken, message):
+    with pytest.raises(ComparisonError, match=message):
+        compare_prompts([scored(broken[0])], [broken])
+
+
 # --- on real outputs of the HF reference runner ------------------------------------------
 
 PROMPTS = ["The quick brown fox", "def add(a, b):", "1, 2, 3, 5,"]
@@ -319,3 +419,37 @@ def test_a_perturbed_model_is_caught(tiny_llama_dir, tiny_hf_outputs):
         broken = hf.generate_greedy_logprobs(PROMPTS, max_tokens=12, num_logprobs=5)
     with pytest.raises(ComparisonError):
         compare(outputs, broken, eos_token_ids=eos_token_ids)
+
+
+def test_prompt_logprobs_score_the_greedy_continuation_as_generation_did(tiny_llama_dir, tiny_hf_outputs):
+    """HF's prompt logprobs of prompt + generated tokens, at the generated positions, are the
+    generation's own top-k logprobs: two paths through the model, one distribution."""
+    from harness.runners import HfRunner
+
+    outputs, eos_token_ids = tiny_hf_outputs
+    with HfRunner(str(tiny_llama_dir)) as hf:
+        prompt_ids = [ids for ids, _ in hf.prompt_logprobs(PROMPTS, num_logprobs=0)]
+        extended = hf.prompt_logprobs([p + ids for p, (ids, _, _) in zip(prompt_ids, outputs)], num_logprobs=5)
+    continuations = [
+        (ids[len(p):], text, steps[len(p):]) for p, (ids, steps), (_, text, _) in zip(prompt_ids, extended, outputs)
+    ]
+    result = compare(outputs, continuations, eos_token_ids=eos_token_ids, atol=1e-4)
+    assert result.metrics()["identical_prompts"] == len(PROMPTS)
+    assert [[set(step) for step in top] for _, _, top in continuations] == [
+        [set(step) for step in top] for _, _, top in outputs
+    ]
+
+
+def test_a_perturbed_model_is_caught_in_prompt_logprobs(tiny_llama_dir):
+    import torch
+
+    from harness.runners import HfRunner
+
+    with HfRunner(str(tiny_llama_dir)) as hf:
+        good = hf.prompt_logprobs(PROMPTS, num_logprobs=5)
+        with torch.no_grad():
+            hf.model.model.layers[0].self_attn.o_proj.weight.mul_(0.8)
+        broken = hf.prompt_logprobs(PROMPTS, num_logprobs=5)
+    assert check_prompt_logprobs_close(good, good, "hf", "hf", num_logprobs=5).max_abs_logprob_diff == 0.0
+    with pytest.raises(ComparisonError, match="prompt logprobs differ by"):
+        check_prompt_logprobs_close(good, broken, "hf", "perturbed", num_logprobs=5)

@@ -39,7 +39,8 @@ FAMILY_MODELS = [
     "tiny-gemma", "tiny-gemma2", "tiny-gemma3", "tiny-gpt2", "tiny-gpt-bigcode", "tiny-gpt-neox", "tiny-persimmon",
     "tiny-granite", "tiny-phi3", "tiny-glm", "tiny-nemotron", "tiny-olmo", "tiny-olmo2", "tiny-starcoder2",
     "tiny-cohere", "tiny-cohere2", "tiny-phi", "tiny-gptj", "tiny-stablelm", "tiny-opt", "tiny-bloom", "tiny-falcon",
-    "tiny-mpt",
+    "tiny-mpt", "tiny-mixtral", "tiny-qwen2-moe", "tiny-olmoe", "tiny-phimoe", "tiny-granitemoe",
+    "tiny-dbrx",
 ]
 # Config variants the zoo has no model for: (zoo recipe, config overrides).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -154,6 +155,16 @@ FEATURES = {
     "mpt alibi": ("tiny-mpt", _set_on_attention("alibi_slopes", None)),
     "bloom alibi": ("tiny-bloom", _set_on_attention("alibi_slopes", None)),
     "granite residual multiplier": ("tiny-granite", _set_on_modules("residual_multiplier", 1.0)),
+    # MoE: one expert per token instead of two (PhiMoE always routes two: a zero sparsemixer
+    # threshold leaves each pick alone instead).
+    "mixtral top-2 routing": ("tiny-mixtral", _set_on_modules("top_k", 1)),
+    "qwen2-moe top-2 routing": ("tiny-qwen2-moe", _set_on_modules("top_k", 1)),
+    "olmoe top-2 routing": ("tiny-olmoe", _set_on_modules("top_k", 1)),
+    "granitemoe top-2 routing": ("tiny-granitemoe", _set_on_modules("top_k", 1)),
+    "phimoe sparsemixer threshold": ("tiny-phimoe", _set_on_modules("jitter_eps", 0.0)),
+    "olmoe clip_qkv": ("tiny-olmoe", _set_on_modules("clip_qkv", None)),
+    "dbrx top-2 routing": ("tiny-dbrx", _set_on_modules("top_k", 1)),
+    "dbrx clip_qkv": ("tiny-dbrx", _set_on_modules("clip_qkv", None)),
 }
 
 

@@ -1,5 +1,6 @@
 """The Llama family: Llama, Mistral, Qwen2, Qwen3, Granite, Phi-3, GLM, Nemotron, OLMo, OLMo 2,
-Starcoder2 — one implementation, variants by config.
+Starcoder2, and the sparse-MoE Mixtral, Qwen2-MoE, OLMoE, PhiMoE and GraniteMoE — one
+implementation, variants by config.
 
 What differs between them:
 - Qwen2 has biases on q/k/v (not o); GLM's `attention_bias` covers q/k/v only; Llama's all four
@@ -19,6 +20,10 @@ What differs between them:
 - Phi-3 checkpoints store q/k/v and gate/up already fused; GLM's store gate/up fused.
 - GLM rotates interleaved pairs (gpt-j style) on half of each head; Phi-3 may rotate part of it
   (partial_rotary_factor).
+- The MoE variants swap the MLP for engine/layers/moe.py's FusedMoE: Mixtral and PhiMoE are
+  Mistral-shaped (PhiMoE with LayerNorms, biases and sparsemixer routing), Qwen2-MoE adds a gated
+  shared expert and may keep some layers dense, OLMoE normalises q and k like OLMo 2 and clips
+  after that, GraniteMoE keeps Granite's multipliers.
 - Tied embeddings, rope scaling (`rope_parameters`), MLP bias: straight from the config.
 """
 from __future__ import annotations
@@ -31,6 +36,7 @@ from transformers import PretrainedConfig
 
 from engine.layers.activation import GatedActivation, get_act_fn
 from engine.layers.attention import Attention, AttentionMetadata
+from engine.layers.moe import FusedMoE, stack_experts
 from engine.layers.norm import LayerNorm, RMSNorm
 from engine.layers.rotary import get_rope
 from engine.models.utils import Packed, fused_linear, load_weights
@@ -51,6 +57,15 @@ def sliding_window_of(config: PretrainedConfig, layer_idx: int) -> int | None:
     return window
 
 
+MOE_ARCHS = (
+    "MixtralForCausalLM", "Qwen2MoeForCausalLM", "OlmoeForCausalLM", "PhimoeForCausalLM", "GraniteMoeForCausalLM",
+)
+
+
+def num_experts_of(config: PretrainedConfig) -> int:
+    return getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
+
+
 def norm_factory(config: PretrainedConfig, arch: str) -> Callable[[int], nn.Module]:
     """The norm a variant uses, as a function of its size."""
     if arch == "NemotronForCausalLM":
@@ -60,6 +75,8 @@ def norm_factory(config: PretrainedConfig, arch: str) -> Callable[[int], nn.Modu
         return lambda size: LayerNorm(size, 1e-5, affine=False)
     if arch == "Starcoder2ForCausalLM":
         return lambda size: LayerNorm(size, config.norm_epsilon)
+    if arch == "PhimoeForCausalLM":
+        return lambda size: LayerNorm(size, config.rms_norm_eps)
     return lambda size: RMSNorm(size, config.rms_norm_eps)
 
 
@@ -78,16 +95,20 @@ class LlamaAttention(nn.Module):
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.q_size, self.kv_size = q_size, kv_size
         bias = bias_of(config, "attention_bias")
-        qkv_bias = True if arch == "Qwen2ForCausalLM" else bias
+        qkv_bias = True if arch == "Qwen2ForCausalLM" else bool(getattr(config, "qkv_bias", bias))
         o_bias = False if arch in ("Qwen2ForCausalLM", "GlmForCausalLM") else bias
         self.qkv_proj = fused_linear(config.hidden_size, [q_size, kv_size, kv_size], qkv_bias)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=o_bias)
-        self.qk_norm = {"Qwen3ForCausalLM": "per_head", "Olmo2ForCausalLM": "full"}.get(arch)
+        self.qk_norm = {
+            "Qwen3ForCausalLM": "per_head", "Olmo2ForCausalLM": "full", "OlmoeForCausalLM": "full",
+        }.get(arch)
         if self.qk_norm is not None:
             per_head = self.qk_norm == "per_head"
             self.q_norm = RMSNorm(self.head_dim if per_head else q_size, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim if per_head else kv_size, config.rms_norm_eps)
         self.clip_qkv = getattr(config, "clip_qkv", None)
+        # OLMoE clips the normed q and k; OLMo clips the raw projections.
+        self.clip_after_norm = arch == "OlmoeForCausalLM"
         self.rotary_emb = get_rope(self.head_dim, config.max_position_embeddings, config.rope_parameters,
                                    is_neox_style=arch != "GlmForCausalLM")
         scale = getattr(config, "attention_multiplier", None) or self.head_dim ** -0.5
@@ -98,7 +119,7 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        if self.clip_qkv is not None:
+        if self.clip_qkv is not None and not self.clip_after_norm:
             qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm == "per_head":
@@ -106,15 +127,17 @@ class LlamaAttention(nn.Module):
             k = self.k_norm(k.reshape(-1, self.num_kv_heads, self.head_dim)).view(k.shape)
         elif self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None and self.clip_after_norm:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         q, k = self.rotary_emb(positions, q, k)
         return self.o_proj(self.attn(q, k, v, meta))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: PretrainedConfig, arch: str):
+    def __init__(self, config: PretrainedConfig, arch: str, intermediate_size: int | None = None):
         super().__init__()
         bias = bias_of(config, "mlp_bias")
-        inter = config.intermediate_size
+        inter = intermediate_size or config.intermediate_size
         self.gated = arch not in ("NemotronForCausalLM", "Starcoder2ForCausalLM")
         if self.gated:
             self.gate_up_proj = fused_linear(config.hidden_size, [inter, inter], bias)
@@ -128,11 +151,32 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.act(self.gate_up_proj(x) if self.gated else self.up_proj(x)))
 
 
+def is_moe_layer(config: PretrainedConfig, layer_idx: int, arch: str) -> bool:
+    if arch not in MOE_ARCHS or num_experts_of(config) == 0:
+        return False
+    # Qwen2-MoE may keep listed layers, or all but every n-th one, dense.
+    if layer_idx in (getattr(config, "mlp_only_layers", None) or []):
+        return False
+    return (layer_idx + 1) % (getattr(config, "decoder_sparse_step", None) or 1) == 0
+
+
+def moe_mlp(config: PretrainedConfig, arch: str) -> FusedMoE:
+    shared_size = getattr(config, "shared_expert_intermediate_size", None)
+    return FusedMoE(
+        config.hidden_size, getattr(config, "moe_intermediate_size", None) or config.intermediate_size,
+        num_experts_of(config), config.num_experts_per_tok, config.hidden_act,
+        scoring={"GraniteMoeForCausalLM": "topk_softmax", "PhimoeForCausalLM": "sparsemixer"}.get(arch, "softmax"),
+        renormalize=arch == "MixtralForCausalLM" or bool(getattr(config, "norm_topk_prob", False)),
+        jitter_eps=float(getattr(config, "router_jitter_noise", 0.0) or 0.0),
+        shared_expert=LlamaMLP(config, arch, shared_size) if shared_size else None,
+    )
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: PretrainedConfig, layer_idx: int, arch: str):
         super().__init__()
         self.self_attn = LlamaAttention(config, layer_idx, arch)
-        self.mlp = LlamaMLP(config, arch)
+        self.mlp = moe_mlp(config, arch) if is_moe_layer(config, layer_idx, arch) else LlamaMLP(config, arch)
         norm = norm_factory(config, arch)
         self.post_norms = arch == "Olmo2ForCausalLM"
         if self.post_norms:
@@ -193,13 +237,16 @@ class LlamaForCausalLM(nn.Module):
     packed: list[Packed] = PACKED
     # (checkpoint, engine) module name pieces, for a variant whose checkpoint names differ.
     renames: list[tuple[str, str]] = []
+    # MoE variants: per-expert checkpoint part -> (stacked parameter, shard) (engine/layers/moe.py).
+    expert_parts: dict[str, tuple[str, int]] = {}
 
     def __init__(self, config: PretrainedConfig):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config, type(self).__name__)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        lm_head_bias = bool(getattr(config, "lm_head_bias", False))  # PhiMoE
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=lm_head_bias)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.logits_scaling = float(getattr(config, "logits_scaling", 1.0))
@@ -215,6 +262,8 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         skip = ("rotary_emb.inv_freq",) + (("lm_head.",) if self.tie_word_embeddings else ())
+        if self.expert_parts:
+            weights = stack_experts(weights, self.expert_parts, num_experts_of(self.config))
         load_weights(self, weights, self.packed, skip=skip, renames=self.renames)
 
 
@@ -257,3 +306,34 @@ class Olmo2ForCausalLM(LlamaForCausalLM):
 class Starcoder2ForCausalLM(LlamaForCausalLM):
     packed = QKV_PACKED
     renames = [(".mlp.c_fc.", ".mlp.up_proj."), (".mlp.c_proj.", ".mlp.down_proj.")]
+
+
+MIXTRAL_EXPERTS = {"w1": ("w13", 0), "w3": ("w13", 1), "w2": ("w2", 0)}
+LLAMA_EXPERTS = {"gate_proj": ("w13", 0), "up_proj": ("w13", 1), "down_proj": ("w2", 0)}
+
+
+class MixtralForCausalLM(LlamaForCausalLM):
+    renames = [(".block_sparse_moe.", ".mlp.")]
+    expert_parts = MIXTRAL_EXPERTS
+
+
+class PhimoeForCausalLM(LlamaForCausalLM):
+    renames = [(".block_sparse_moe.", ".mlp.")]
+    expert_parts = MIXTRAL_EXPERTS
+
+
+class Qwen2MoeForCausalLM(LlamaForCausalLM):
+    expert_parts = LLAMA_EXPERTS
+
+
+class OlmoeForCausalLM(LlamaForCausalLM):
+    expert_parts = LLAMA_EXPERTS
+
+
+class GraniteMoeForCausalLM(LlamaForCausalLM):
+    # The checkpoint already stacks its experts, [gate | up] in input_linear.
+    renames = [
+        (".block_sparse_moe.input_linear.weight", ".mlp.experts.w13"),
+        (".block_sparse_moe.output_linear.weight", ".mlp.experts.w2"),
+        (".block_sparse_moe.router.layer.", ".mlp.gate."),
+    ]

@@ -37,6 +37,7 @@ _NATIVE: dict[str, ModelImpl] = {
     "OlmoeForCausalLM": ModelImpl("llama", "OlmoeForCausalLM"),
     "PhimoeForCausalLM": ModelImpl("llama", "PhimoeForCausalLM"),
     "GraniteMoeForCausalLM": ModelImpl("llama", "GraniteMoeForCausalLM"),
+    "DbrxForCausalLM": ModelImpl("dbrx", "DbrxForCausalLM"),
     "GemmaForCausalLM": ModelImpl("gemma", "GemmaForCausalLM"),
     "Gemma2ForCausalLM": ModelImpl("gemma", "Gemma2ForCausalLM"),
     "Gemma3ForCausalLM": ModelImpl("gemma", "Gemma3ForCausalLM"),
@@ -69,6 +70,11 @@ _NATIVE: dict[str, ModelImpl] = {
     "Gemma2Model": ModelImpl("gemma", "Gemma2ForCausalLM", ("embed", "score", "reward"), adapter="body"),
 }
 
+# vLLM's spellings of architectures Transformers names differently (remote-code checkpoints' config.json
+# use them): they run the Transformers name's implementation, and are not listed on their own, so each
+# implementation is swept once.
+_ALIASES: dict[str, str] = {"OLMoEForCausalLM": "OlmoeForCausalLM", "PhiMoEForCausalLM": "PhimoeForCausalLM"}
+
 
 # How LLM(model_impl=...) chooses: "auto" takes the native implementation when there is one,
 # else the Transformers backend (engine/models/transformers_backend.py).
@@ -86,6 +92,7 @@ def supported_architectures() -> list[str]:
 def get_model_impl(architectures: list[str] | None) -> tuple[str, ModelImpl]:
     """The first of a config's architectures that the engine implements."""
     for arch in architectures or []:
+        arch = _ALIASES.get(arch, arch)
         if arch in _NATIVE:
             return arch, _NATIVE[arch]
     raise UnsupportedArchitectureError(
@@ -104,7 +111,7 @@ def resolve_model_impl(architectures: list[str] | None, model_impl: str) -> str:
     check_model_impl(model_impl)
     if model_impl == "transformers":
         return "transformers"
-    if any(arch in _NATIVE for arch in architectures or []):
+    if any(_ALIASES.get(arch, arch) in _NATIVE for arch in architectures or []):
         return "native"
     if model_impl == "auto":
         return "transformers"

@@ -105,6 +105,7 @@ _SPECS = [
                "2-layer PhiMoE, 4 experts, sparsemixer top-2, LayerNorms, attention and LM-head biases"),
     _synthetic("tiny-granitemoe", "GraniteMoeForCausalLM",
                "2-layer GraniteMoE, 4 experts, softmax over top-2 logits, Granite multipliers"),
+    _synthetic("tiny-dbrx", "DbrxForCausalLM", "2-layer DBRX, fused Wqkv clipped at 1.5, 4 experts top-2"),
     # Pooling models (harness/zoo/pooling.py).
     ZooSpec(
         name="all-minilm-l6-v2", architecture="BertModel", kind="real", trained=True, task="embed",

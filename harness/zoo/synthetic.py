@@ -249,6 +249,12 @@ RECIPES: dict[str, Recipe] = {
         "embedding_multiplier": 0.5, "residual_multiplier": 0.5, "attention_multiplier": 0.1, "logits_scaling": 1.25,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
     }, seed=31),
+    # DBRX names its sizes its own way; clip_qkv low enough to clamp, renormalised top-2 of 4 experts.
+    "tiny-dbrx": Recipe("DbrxConfig", {
+        "d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 2048, "tie_word_embeddings": False,
+        "attn_config": {"kv_n_heads": 2, "clip_qkv": 1.5, "rope_theta": 10000.0},
+        "ffn_config": {"ffn_hidden_size": 96, "moe_num_experts": 4, "moe_top_k": 2},
+    }, seed=232, omit=_NOT_LLAMA + ("hidden_size", "num_attention_heads", "max_position_embeddings")),
 }
 
 

@@ -47,15 +47,6 @@ BACKEND_CANDIDATES = (
 )
 
 
-@pytest.fixture
-def one_torch_thread():
-    """Tiny tensors run faster on one intra-op thread, and far faster when other processes share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _zoo_recipes() -> dict[str, str]:
     """Architecture -> the first synthetic zoo model of it: hand-tuned recipes are used where they exist."""
     recipes: dict[str, str] = {}

@@ -145,3 +145,31 @@ def _register_report(commands) -> None:
     from harness.community import register_report_cli
 
     register_report_cli(commands)
+
+
+@subcommand("golden")
+def _register_golden(commands) -> None:
+    from harness.golden import register_golden_cli
+
+    register_golden_cli(commands)
+
+
+@subcommand("bench")
+def _register_bench(commands) -> None:
+    from harness.bench import register_bench_cli
+
+    register_bench_cli(commands)
+
+
+@subcommand("selftest")
+def _register_selftest(commands) -> None:
+    from harness.selftest import register_selftest_cli
+
+    register_selftest_cli(commands)
+
+
+@subcommand("diff-layers")
+def _register_diff_layers(commands) -> None:
+    from harness.diff_layers import register_diff_layers_cli
+
+    register_diff_layers_cli(commands)

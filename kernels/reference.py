@@ -21,62 +21,71 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
                    slot_mapping: torch.Tensor) -> None:
     """Stores each token's k/v [T, Hkv, D] at its cache slot (slot_mapping [T] int64)."""
     num_slots = k_cache.shape[0] * k_cache.shape[1]
-    k_cache.view(num_slots, *k_cache.shape[2:])[slot_mapping] = k
-    v_cache.view(num_slots, *v_cache.shape[2:])[slot_mapping] = v
+    k_cache.view(num_slots, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(num_slots, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
 
-def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-              context_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first context_len tokens' k/v [context_len, Hkv, D] of one sequence."""
-    block_size = k_cache.shape[1]
-    blocks = block_table[:-(-context_len // block_size)]
-    shape = (-1, *k_cache.shape[2:])
-    return k_cache[blocks].reshape(shape)[:context_len], v_cache[blocks].reshape(shape)[:context_len]
+def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+              length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head-major k/v [Hkv, ..., length, D] of the blocks block_tables [..., num_blocks] lists,
+    in order; length (default: all of them) cuts the tokens past it.
+
+    Fastest when the cache is stored head-major ([Hkv, blocks, block_size, D] permuted to the
+    logical layout, as the model runner allocates it): each head's blocks are then copied whole,
+    and the result needs no transpose before a matmul.
+    """
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    flat = block_tables.reshape(-1)
+    shape = (num_kv_heads, *block_tables.shape[:-1], block_tables.shape[-1] * block_size, head_dim)
+    # index_select copies block by block; indexing (cache[:, flat]) is ~3x slower on CPU.
+    k = k_cache.permute(2, 0, 1, 3).index_select(1, flat).view(shape)
+    v = v_cache.permute(2, 0, 1, 3).index_select(1, flat).view(shape)
+    return (k, v) if length is None else (k[..., :length, :], v[..., :length, :])
 
 
 # ---------------------------------------------------------------- attention
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
-    """Boolean [q, k] keep-mask: causal, and within the window when there is one."""
-    mask = k_pos[None, :] <= q_pos[:, None]
+    """Boolean [..., q, k] keep-mask: causal, and within the window when there is one."""
+    mask = k_pos.unsqueeze(-2) <= q_pos.unsqueeze(-1)
     if sliding_window is not None:
-        mask &= k_pos[None, :] > q_pos[:, None] - sliding_window
+        mask &= k_pos.unsqueeze(-2) > q_pos.unsqueeze(-1) - sliding_window
     return mask
 
 
 def alibi_bias(slopes: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-    """[H, q, k] float32: slope[h] * (key position - query position)."""
-    distance = (k_pos[None, :] - q_pos[:, None]).float()
-    return slopes.float()[:, None, None] * distance[None]
+    """[..., H, q, k] float32: slope[h] * (key position - query position)."""
+    distance = (k_pos.unsqueeze(-2) - q_pos.unsqueeze(-1)).float().unsqueeze(-3)
+    return slopes.float()[:, None, None] * distance
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
-           soft_cap: float | None, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """q [n, Hq, D], k/v [L, Hkv, D] (Hq a multiple of Hkv) -> [n, Hq, D].
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, scale: float,
+           soft_cap: float | None, bias: torch.Tensor | None = None, explicit: bool = False) -> torch.Tensor:
+    """Head-major attention: q [..., Hq, n, D], k/v [..., Hkv, L, D] (Hq a multiple of Hkv) -> [..., Hq, n, D].
 
-    mask [n, L] is a boolean keep-mask; None means plain causal attention with n == L.
-    bias [Hq, n, L] (ALiBi) is added after the soft cap; it needs a mask.
+    keep is a boolean mask broadcastable to [..., Hq, n, L]; None means plain causal attention
+    with n == L. bias (ALiBi, broadcastable likewise) is added after the soft cap; it needs keep.
+    Without a soft cap this is SDPA unless explicit. Explicit scores and softmax are float32
+    (as SDPA's are); the probabilities are rounded to v's dtype for the product with v.
     """
-    if soft_cap is None:
-        attn_mask = mask if bias is None else bias.to(q.dtype).masked_fill(~mask[None], float("-inf"))
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-            attn_mask=attn_mask, is_causal=mask is None, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
-        )
-        return out.transpose(0, 1)
-    if mask is None:
-        mask = attention_mask(torch.arange(q.shape[0]), torch.arange(k.shape[0]), None)
-    g = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(g, dim=1)
-    v = v.repeat_interleave(g, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q, k).float() * scale
-    scores = torch.tanh(scores / soft_cap) * soft_cap
+    gqa = q.shape[-3] != k.shape[-3]
+    if soft_cap is None and not explicit:
+        attn_mask = keep if bias is None else bias.to(q.dtype).masked_fill(~keep, float("-inf"))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=keep is None, scale=scale,
+                                              enable_gqa=gqa)
+    if keep is None:
+        keep = attention_mask(torch.arange(q.shape[-2], device=q.device), torch.arange(k.shape[-2], device=q.device), None)
+    if gqa:
+        g = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(g, dim=-3), v.repeat_interleave(g, dim=-3)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if soft_cap is not None:
+        scores = torch.tanh(scores / soft_cap) * soft_cap
     if bias is not None:
         scores = scores + bias
-    scores = scores.masked_fill(~mask[None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.einsum("hqk,khd->qhd", probs, v)
+    scores = scores.masked_fill(~keep, float("-inf"))
+    return torch.softmax(scores, dim=-1).to(v.dtype) @ v
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -91,51 +100,45 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     """
     out = torch.empty_like(q)
     starts = query_start_loc.tolist()
+    block_size = k_cache.shape[1]
     for i, computed in enumerate(num_computed.tolist()):
         s, e = starts[i], starts[i + 1]
         context_len = computed + e - s
-        k, v = gather_kv(k_cache, v_cache, block_tables[i], context_len)
-        if computed == 0 and sliding_window is None and alibi_slopes is None:
-            out[s:e] = attend(q[s:e], k, v, None, scale, soft_cap)
-            continue
-        q_pos = torch.arange(computed, context_len)
-        k_pos = torch.arange(context_len)
-        mask = attention_mask(q_pos, k_pos, sliding_window)
-        bias = None if alibi_slopes is None else alibi_bias(alibi_slopes, q_pos, k_pos)
-        out[s:e] = attend(q[s:e], k, v, mask, scale, soft_cap, bias)
+        k, v = gather_kv(k_cache, v_cache, block_tables[i, :-(-context_len // block_size)], context_len)  # [Hkv, L, D]
+        keep = bias = None
+        if computed or sliding_window is not None or alibi_slopes is not None:
+            q_pos = torch.arange(computed, context_len, device=q.device)
+            k_pos = torch.arange(context_len, device=q.device)
+            keep = attention_mask(q_pos, k_pos, sliding_window)
+            bias = None if alibi_slopes is None else alibi_bias(alibi_slopes, q_pos, k_pos)
+        out[s:e] = attend(q[s:e].transpose(0, 1), k, v, keep, scale, soft_cap, bias).transpose(0, 1)
     return out
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, scale: float, sliding_window: int | None = None,
                      soft_cap: float | None = None, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
-    """One query token per sequence (its last position), attended with a single gather.
+    """One query token per sequence (its last position), the whole batch in one gather and one
+    attention call over its padded block tables.
 
     q [B, Hq, D]; block_tables [B, max_blocks] (rows padded); context_lens [B] counts the
     query token. Returns [B, Hq, D].
     """
-    num_seqs, max_blocks = block_tables.shape
-    _, block_size, num_kv_heads, head_dim = k_cache.shape
-    length = max_blocks * block_size
-    k = k_cache[block_tables].view(num_seqs, length, num_kv_heads, head_dim)
-    v = v_cache[block_tables].view(num_seqs, length, num_kv_heads, head_dim)
+    k, v = gather_kv(k_cache, v_cache, block_tables)  # [Hkv, B, L, D], L = max_blocks * block_size
+    num_kv_heads, num_seqs, length, head_dim = k.shape
+    group = q.shape[1] // num_kv_heads
     q_pos = (context_lens - 1).unsqueeze(1)  # [B, 1]
-    k_pos = torch.arange(length, device=q.device).unsqueeze(0)  # [1, L]
-    valid = k_pos <= q_pos
-    if sliding_window is not None:
-        valid &= k_pos > q_pos - sliding_window
-    g = q.shape[1] // num_kv_heads
-    qg = q.view(num_seqs, num_kv_heads, g, head_dim)
-    scores = torch.einsum("bhgd,blhd->bhgl", qg, k).float() * scale
-    if soft_cap is not None:
-        scores = torch.tanh(scores / soft_cap) * soft_cap
+    k_pos = torch.arange(length, device=q.device)
+    keep = attention_mask(q_pos, k_pos, sliding_window)  # [B, 1, L]
+    bias = None
     if alibi_slopes is not None:
-        distance = (k_pos - q_pos).float()  # [B, L]
-        scores = scores + alibi_slopes.float().view(num_kv_heads, g)[None, :, :, None] * distance[:, None, None, :]
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    out = torch.einsum("bhgl,blhd->bhgd", probs, v)
-    return out.reshape(num_seqs, q.shape[1], head_dim)
+        bias = alibi_bias(alibi_slopes, q_pos, k_pos).view(num_seqs, num_kv_heads, group, length)
+    # The query heads sharing a KV head all sit at one position, so they attend as that head's
+    # `group` query rows, batched [Hkv, B]: one bmm over the gathered K/V as they lie. SDPA
+    # here is ~25% slower (float32) to ~50% (bfloat16).
+    rows = q.view(num_seqs, num_kv_heads, group, head_dim).transpose(0, 1)
+    out = attend(rows, k, v, keep, scale, soft_cap, None if bias is None else bias.transpose(0, 1), explicit=True)
+    return out.transpose(0, 1).reshape(q.shape)
 
 
 # ---------------------------------------------------------------- norm, rope, activations

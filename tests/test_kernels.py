@@ -38,6 +38,7 @@ triton_kernel = pytest.mark.skipif(
     "no GPU and TRITON_INTERPRET=1 was not set at process start: "
     "test_kernels_in_interpreter_subprocess runs these in a child that has it",
 )
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # Few examples per kernel: the interpreter is slow and this file is in the default test run.
 kernel_settings = settings(max_examples=12, deadline=None)
 
@@ -46,15 +47,6 @@ BLOCK_SIZES = st.sampled_from([4, 8, 16])
 GQA = st.sampled_from([1, 2, 4])
 WINDOWS = st.none() | st.integers(1, 8)
 SOFT_CAPS = st.none() | st.floats(5.0, 50.0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Tiny tensors: extra intra-op threads only contend with other test processes.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -77,18 +69,38 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = to
 
 
 def _paged_cache(context_lens: list[int], block_size: int, num_kv_heads: int, head_dim: int, seed: int,
-                 dtype: torch.dtype = torch.float32):
-    """A random cache with each sequence's blocks scattered over it, and the padded block tables."""
+                 dtype: torch.dtype = torch.float32, head_major: bool = False):
+    """A random cache with each sequence's blocks scattered over it, and the padded block tables.
+
+    head_major: see _kv_cache.
+    """
     needed = [-(-n // block_size) for n in context_lens]
     num_blocks = sum(needed) + 2  # spare blocks: unread garbage a bug would pick up
-    k_cache = _randn(num_blocks, block_size, num_kv_heads, head_dim, seed=seed, dtype=dtype)
-    v_cache = _randn(num_blocks, block_size, num_kv_heads, head_dim, seed=seed + 1, dtype=dtype)
+    k_cache, v_cache = (_kv_cache((num_blocks, block_size, num_kv_heads, head_dim), seed + i, dtype, head_major)
+                        for i in (0, 1))
     order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
     tables, width, used = [], max(needed), 0
     for n in needed:
         tables.append(order[used:used + n] + [0] * (width - n))
         used += n
     return k_cache, v_cache, torch.tensor(tables, dtype=torch.long, device=DEVICE)
+
+
+def _kv_cache(shape: tuple[int, int, int, int], seed: int, dtype: torch.dtype = torch.float32,
+              head_major: bool = False) -> torch.Tensor:
+    """A random cache of logical shape [blocks, block_size, heads, D]; head_major stores it as the
+    model runner does ([heads, blocks, block_size, D] memory behind that view)."""
+    if not head_major:
+        return _randn(*shape, seed=seed, dtype=dtype)
+    blocks, block_size, heads, head_dim = shape
+    return _randn(heads, blocks, block_size, head_dim, seed=seed, dtype=dtype).permute(1, 2, 0, 3)
+
+
+def _sequence_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor, length: int):
+    """The oracle's gather: token p of a sequence is at block table[p // block_size]."""
+    block_size = k_cache.shape[1]
+    slots = [(int(table[p // block_size]), p % block_size) for p in range(length)]
+    return torch.stack([k_cache[b, o] for b, o in slots]), torch.stack([v_cache[b, o] for b, o in slots])
 
 
 def _slopes(alibi: bool, num_heads: int) -> torch.Tensor | None:
@@ -121,7 +133,8 @@ def attention_options(draw) -> dict:
 def decode_case(draw) -> dict:
     return dict(context_lens=draw(st.lists(st.integers(1, 40), min_size=1, max_size=4)),
                 num_kv_heads=draw(st.integers(1, 4)), group=draw(GQA), head_dim=draw(HEAD_DIMS),
-                block_size=draw(BLOCK_SIZES), seed=draw(st.integers(0, 2**16)), **draw(attention_options()))
+                block_size=draw(BLOCK_SIZES), head_major=draw(st.booleans()), seed=draw(st.integers(0, 2**16)),
+                **draw(attention_options()))
 
 
 @st.composite
@@ -129,13 +142,14 @@ def prefill_case(draw) -> dict:
     # Each chunk: (tokens already cached, new tokens); a cached prefix makes it a chunked prefill.
     chunks = draw(st.lists(st.tuples(st.integers(0, 40), st.integers(1, 40)), min_size=1, max_size=3))
     return dict(chunks=chunks, num_kv_heads=draw(st.integers(1, 4)), group=draw(GQA), head_dim=draw(HEAD_DIMS),
-                block_size=draw(BLOCK_SIZES), seed=draw(st.integers(0, 2**16)), **draw(attention_options()))
+                block_size=draw(BLOCK_SIZES), head_major=draw(st.booleans()), seed=draw(st.integers(0, 2**16)),
+                **draw(attention_options()))
 
 
 def _decode_inputs(c: dict, dtype: torch.dtype = torch.float32):
     num_heads = c["num_kv_heads"] * c["group"]
     k_cache, v_cache, tables = _paged_cache(c["context_lens"], c["block_size"], c["num_kv_heads"], c["head_dim"],
-                                            c["seed"], dtype)
+                                            c["seed"], dtype, c["head_major"])
     q = _randn(len(c["context_lens"]), num_heads, c["head_dim"], seed=c["seed"] + 2, dtype=dtype)
     lens = torch.tensor(c["context_lens"], dtype=torch.long, device=DEVICE)
     options = dict(sliding_window=c["sliding_window"], soft_cap=c["soft_cap"],
@@ -148,7 +162,7 @@ def _prefill_inputs(c: dict, dtype: torch.dtype = torch.float32):
     computed = [p for p, _ in c["chunks"]]
     lens = [n for _, n in c["chunks"]]
     k_cache, v_cache, tables = _paged_cache([p + n for p, n in c["chunks"]], c["block_size"], c["num_kv_heads"],
-                                            c["head_dim"], c["seed"], dtype)
+                                            c["head_dim"], c["seed"], dtype, c["head_major"])
     q = _randn(sum(lens), num_heads, c["head_dim"], seed=c["seed"] + 2, dtype=dtype)
     starts = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.long, device=DEVICE)
     options = dict(sliding_window=c["sliding_window"], soft_cap=c["soft_cap"],
@@ -166,10 +180,28 @@ def test_reference_decode_matches_naive_attention(c: dict) -> None:
     (q, k_cache, v_cache, tables, lens, scale), options = _decode_inputs(c)
     out = ref.decode_attention(q, k_cache, v_cache, tables, lens, scale, **options)
     for i, n in enumerate(c["context_lens"]):
-        k, v = ref.gather_kv(k_cache, v_cache, tables[i], n)
+        k, v = _sequence_kv(k_cache, v_cache, tables[i], n)
         expected = _naive_attention(q[i:i + 1], k, v, [n - 1], scale, options["sliding_window"],
                                     options["soft_cap"], options["alibi_slopes"])
         _close(out[i:i + 1], expected)
+
+
+@settings(max_examples=25, deadline=None)
+@given(num_tokens=st.integers(1, 40), num_kv_heads=st.integers(1, 4), block_size=BLOCK_SIZES, head_major=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_reference_write_kv_cache_stores_each_token_at_its_slot(num_tokens: int, num_kv_heads: int, block_size: int,
+                                                              head_major: bool, seed: int) -> None:
+    shape = (-(-num_tokens // block_size) + 2, block_size, num_kv_heads, 16)
+    k_cache, v_cache = (_kv_cache(shape, seed + i, head_major=head_major) for i in (0, 1))
+    untouched = k_cache.clone()
+    k, v = (_randn(num_tokens, num_kv_heads, 16, seed=seed + i) for i in (2, 3))
+    slots = torch.randperm(shape[0] * block_size, generator=torch.Generator().manual_seed(seed))[:num_tokens]
+    ref.write_kv_cache(k, v, k_cache, v_cache, slots.to(DEVICE))
+    for t, slot in enumerate(slots.tolist()):
+        block, offset = divmod(slot, block_size)
+        assert torch.equal(k_cache[block, offset], k[t]) and torch.equal(v_cache[block, offset], v[t])
+        untouched[block, offset] = k_cache[block, offset]
+    assert torch.equal(k_cache, untouched)  # nothing else changed
 
 
 @settings(max_examples=25, deadline=None)
@@ -180,7 +212,7 @@ def test_reference_prefill_matches_naive_attention(c: dict) -> None:
     out = ref.prefill_attention(*args, scale, **options)
     for i, (cached, n) in enumerate(c["chunks"]):
         s, e = starts[i], starts[i + 1]
-        k, v = ref.gather_kv(k_cache, v_cache, tables[i], cached + n)
+        k, v = _sequence_kv(k_cache, v_cache, tables[i], cached + n)
         expected = _naive_attention(q[s:e], k, v, list(range(cached, cached + n)), scale,
                                     options["sliding_window"], options["soft_cap"], options["alibi_slopes"])
         _close(out[s:e], expected)
@@ -239,9 +271,9 @@ def test_kernels_in_interpreter_subprocess() -> None:
 @triton_kernel
 @kernel_settings
 @given(num_tokens=st.integers(1, 40), num_kv_heads=st.integers(1, 4), head_dim=HEAD_DIMS, block_size=BLOCK_SIZES,
-       seed=st.integers(0, 2**16))
+       head_major=st.booleans(), seed=st.integers(0, 2**16))
 def test_triton_write_kv_cache(tk, num_tokens: int, num_kv_heads: int, head_dim: int, block_size: int,
-                               seed: int) -> None:
+                               head_major: bool, seed: int) -> None:
     num_blocks = -(-num_tokens // block_size) + 3
     # k and v as the engine has them: column slices of one fused projection output.
     kv = _randn(num_tokens, 3 * num_kv_heads * head_dim, seed=seed)
@@ -249,7 +281,8 @@ def test_triton_write_kv_cache(tk, num_tokens: int, num_kv_heads: int, head_dim:
     v = kv[:, num_kv_heads * head_dim:2 * num_kv_heads * head_dim].view(num_tokens, num_kv_heads, head_dim)
     slots = torch.randperm(num_blocks * block_size, generator=torch.Generator().manual_seed(seed))[:num_tokens]
     slots = slots.to(DEVICE)
-    caches = [_randn(num_blocks, block_size, num_kv_heads, head_dim, seed=seed + i) for i in (1, 2)]
+    caches = [_kv_cache((num_blocks, block_size, num_kv_heads, head_dim), seed + i, head_major=head_major)
+              for i in (1, 2)]
     expected = [c.clone() for c in caches]
     tk.write_kv_cache(k, v, *caches, slots)
     ref.write_kv_cache(k, v, *expected, slots)
@@ -370,10 +403,9 @@ def test_triton_top_k_top_p(tk, case) -> None:
 # monkeypatch is function-scoped, but each example sets the variable it reads afresh.
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.integers(0, 20), st.just(1) | st.integers(1, 12)), min_size=1, max_size=4),
-       attention_options(),
-       BLOCK_SIZES, st.integers(0, 2**16))
+       attention_options(), BLOCK_SIZES, st.booleans(), st.integers(0, 2**16))
 def test_triton_attention_layer_matches_torch(tk, monkeypatch: pytest.MonkeyPatch, seqs, options: dict,
-                                              block_size: int, seed: int) -> None:
+                                              block_size: int, head_major: bool, seed: int) -> None:
     """The engine's Attention layer over a batch mixing decodes and prefill chunks in any order:
     the same output and cache with LITMUS_KERNELS=triton as with torch."""
     num_heads, num_kv_heads, head_dim = 4, 2, 16
@@ -388,7 +420,7 @@ def test_triton_attention_layer_matches_torch(tk, monkeypatch: pytest.MonkeyPatc
     results = []
     for backend in ("torch", "triton"):
         monkeypatch.setenv("LITMUS_KERNELS", backend)
-        layer.k_cache, layer.v_cache = (_randn(*cache_shape, seed=seed + i) for i in (3, 4))
+        layer.k_cache, layer.v_cache = (_kv_cache(cache_shape, seed + i, head_major=head_major) for i in (3, 4))
         results.append((layer(q, k, v, meta), layer.k_cache, layer.v_cache))
     for got, expected in zip(results[1], results[0]):
         _close(got, expected)

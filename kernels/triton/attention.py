@@ -63,7 +63,7 @@ def _scores(q, k, scale, soft_cap, slopes, q_pos, k_pos, HAS_SOFTCAP: tl.constex
     if HAS_SOFTCAP:
         s = soft_cap * tanh(s / soft_cap)
     if HAS_ALIBI:
-        s += slopes[:, None] * (q_pos[:, None] - k_pos[None, :]).to(tl.float32)
+        s += slopes[:, None] * (k_pos[None, :] - q_pos[:, None]).to(tl.float32)
     return s
 
 

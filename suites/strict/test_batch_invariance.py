@@ -1,0 +1,124 @@
+"""Strict tier: a prompt's greedy output does not depend on what it is batched with.
+
+Each example prompt is generated alone, then all together, all together in reverse order, each
+among different partners that stop after different numbers of tokens (so the decode batch
+changes shape under it), and with at most two sequences running at once (so later prompts'
+prefills share steps with earlier ones' decodes). Every batching must give the same greedy
+tokens as the prompt alone. Unlike test_generation, nothing here is compared with Transformers
+and no near-tie excuses a difference: the same engine on the same prompt has no second
+implementation whose rounding could differ, only a batch that should not matter.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from engine import LLM, SamplingParams
+from harness.golden import ReferenceSettings
+from harness.runners import EngineRunner
+
+pytestmark = [pytest.mark.strict, pytest.mark.usefixtures("generation_model")]
+
+MAX_TOKENS = ReferenceSettings().max_tokens
+# Partners leave the batch after these many tokens, at steps spread over the subject's decode.
+PARTNER_TOKENS = (3, 11, 2 * MAX_TOKENS)
+NUM_LOGPROBS = 2
+STAGGERED_MAX_SEQS = 2
+
+
+@dataclass
+class Greedy:
+    token_ids: list[int]
+    # Per position: token id -> logprob, the chosen token and the top NUM_LOGPROBS.
+    logprobs: list[dict[int, float]]
+
+
+def generate(llm: LLM, prompts: list[str], max_tokens: list[int]) -> list[Greedy]:
+    params = [SamplingParams(temperature=0.0, max_tokens=n, logprobs=NUM_LOGPROBS) for n in max_tokens]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return [
+        Greedy(list(c.token_ids), [{t: lp.logprob for t, lp in step.items()} for step in c.logprobs or []])
+        for c in (out.outputs[0] for out in outputs)
+    ]
+
+
+@pytest.fixture(scope="module")
+def engine(engine_runner: Callable[..., EngineRunner], model_path: str) -> Iterator[EngineRunner]:
+    with engine_runner(model_path) as runner:
+        yield runner
+
+
+@pytest.fixture(scope="module")
+def alone(engine: EngineRunner, example_prompts: list[str]) -> list[Greedy]:
+    return [generate(engine.llm, [prompt], [MAX_TOKENS])[0] for prompt in example_prompts]
+
+
+def together(llm: LLM, prompts: list[str]) -> list[Greedy]:
+    return generate(llm, prompts, [MAX_TOKENS] * len(prompts))
+
+
+def reversed_order(llm: LLM, prompts: list[str]) -> list[Greedy]:
+    return together(llm, prompts[::-1])[::-1]
+
+
+def other_partners(llm: LLM, prompts: list[str]) -> list[Greedy]:
+    """Prompt i among the next len(PARTNER_TOKENS) prompts, at a varying place in the batch."""
+    results = []
+    for i, prompt in enumerate(prompts):
+        partners = [prompts[(i + j) % len(prompts)] for j in range(1, len(PARTNER_TOKENS) + 1)]
+        at = i % (len(partners) + 1)
+        batch = partners[:at] + [prompt] + partners[at:]
+        budgets = list(PARTNER_TOKENS[:at]) + [MAX_TOKENS] + list(PARTNER_TOKENS[at:])
+        results.append(generate(llm, batch, budgets)[at])
+    return results
+
+
+BATCHINGS = {"together": together, "reversed": reversed_order, "other_partners": other_partners}
+
+
+@pytest.mark.parametrize("batching", list(BATCHINGS))
+def test_batch_partners_do_not_change_greedy_tokens(
+    engine: EngineRunner, alone: list[Greedy], example_prompts: list[str], batching: str, litmus_record
+):
+    check_same(alone, BATCHINGS[batching](engine.llm, example_prompts), batching, engine, litmus_record)
+
+
+def test_staggered_scheduling_does_not_change_greedy_tokens(
+    engine_runner: Callable[..., EngineRunner], model_path: str, engine: EngineRunner, alone: list[Greedy],
+    example_prompts: list[str], litmus_record,
+):
+    litmus_record.metrics["max_num_seqs"] = STAGGERED_MAX_SEQS
+    with engine_runner(model_path, max_num_seqs=STAGGERED_MAX_SEQS) as staggered:
+        outputs = together(staggered.llm, example_prompts)
+    check_same(alone, outputs, f"max_num_seqs={STAGGERED_MAX_SEQS}", engine, litmus_record)
+
+
+def check_same(alone: list[Greedy], batched: list[Greedy], batching: str, engine: EngineRunner, litmus_record) -> None:
+    mismatches, worst = [], 0.0
+    for i, (a, b) in enumerate(zip(alone, batched, strict=True)):
+        same = next((p for p, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), None)
+        prefix = min(len(a.token_ids), len(b.token_ids)) if same is None else same + 1
+        # The chosen tokens' logprobs on the common prefix: how far the batch moved the numbers.
+        for p in range(prefix):
+            token = a.token_ids[p]
+            if token in b.logprobs[p]:
+                worst = max(worst, abs(a.logprobs[p][token] - b.logprobs[p][token]))
+        if same is not None or len(a.token_ids) != len(b.token_ids):
+            mismatches.append(_describe(i, a, b, same, engine))
+    litmus_record.metrics.update(batching=batching, prompts=len(alone), differing_prompts=len(mismatches),
+                                 max_abs_logprob_diff=worst)
+    assert not mismatches, (
+        f"{len(mismatches)} of {len(alone)} prompts decode differently {batching} than alone:\n" + "\n".join(mismatches)
+    )
+
+
+def _describe(index: int, a: Greedy, b: Greedy, at: int | None, engine: EngineRunner) -> str:
+    if at is None:
+        return f"prompt {index}: {len(a.token_ids)} tokens alone, {len(b.token_ids)} batched (same prefix)"
+    ranked = sorted(a.logprobs[at].values(), reverse=True)
+    gap = ranked[0] - ranked[1] if len(ranked) > 1 else float("inf")
+    decode = engine.tokenizer.decode
+    return (f"prompt {index}, position {at}: alone {a.token_ids[at]} {decode([a.token_ids[at]])!r}, batched "
+            f"{b.token_ids[at]} {decode([b.token_ids[at]])!r} (alone's top-2 logprob gap there {gap:.3g})")

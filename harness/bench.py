@@ -245,21 +245,37 @@ def make_prompts(w: Workload, count: int | None = None) -> list[list[int]]:
     return allowed[picks].tolist()
 
 
-def matmul_peak_gflops(dtype: torch.dtype, sizes: tuple[int, ...] = (512, 1024), seconds: float = 0.3) -> float:
-    """The best FLOP rate of square matmuls, each size tried for about `seconds` (the roofline's
-    ceiling). Each multiply is short (a few ms) so that some run within one scheduler time
-    slice even on a busy machine: the best of them is what the cores can do."""
-    best_rate = 0.0
+def matmul_peaks_gflops(dtype: torch.dtype, sizes: tuple[int, ...] = (512, 1024),
+                        seconds: float = 0.3) -> dict[str, float]:
+    """The best FLOP rate of square matmuls through torch's matmul and through oneDNN with a
+    packed weight (what the engine's linears use; on AMD CPUs the faster of the two), each size
+    tried for about `seconds`. The roofline's ceiling is the larger. Each multiply is short (a
+    few ms) so that some run within one scheduler time slice even on a busy machine: the best of
+    them is what the cores can do."""
+    from engine.layers.linear import pack_linears
+
+    peaks: dict[str, float] = {}
     for size in sizes:
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-        a @ b  # the first call pays one-off setup
-        best, deadline = float("inf"), time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            start = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - start)
-        best_rate = max(best_rate, 2 * size ** 3 / best / 1e9)
-    return best_rate
+        x = torch.randn(size, size, dtype=dtype)
+        linear = torch.nn.Linear(size, size, bias=False, dtype=dtype)
+        candidates = {"torch": lambda: x @ linear.weight.T}
+        if pack_linears(linear):
+            candidates["onednn"] = lambda: linear(x)
+        with torch.inference_mode():
+            for name, matmul in candidates.items():
+                rate = 2 * size ** 3 / _best_seconds(matmul, seconds) / 1e9
+                peaks[name] = max(peaks.get(name, 0.0), rate)
+    return peaks
+
+
+def _best_seconds(fn: Callable[[], Any], seconds: float) -> float:
+    fn()  # the first call pays one-off setup
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def matmul_params(path: str) -> tuple[int, int]:
@@ -341,7 +357,8 @@ class BackendResult:
 
 def summarize(name: str, runs: list[Run], w: Workload, flops: float, peak_gflops: float,
               tried: dict[str, float] | None = None, weights: str | None = None) -> BackendResult:
-    """The median run (by time) of a backend's runs at its chosen configuration."""
+    """A backend's median run (by time; of an even count, the faster middle one) at its chosen
+    configuration."""
     mid = sorted(runs, key=lambda r: r.seconds)[(len(runs) - 1) // 2]
     return BackendResult(
         backend=name, tok_s=mid.output_tokens / mid.seconds, requests_s=w.num_prompts / mid.seconds,
@@ -363,7 +380,8 @@ def run_throughput(w: Workload, backends: list[str], repeats: int = 1, hf_sizes:
     prompts = make_prompts(w)
     body, head = matmul_params(w.path)
     flops = workload_flops(w, body, head)
-    peak = matmul_peak_gflops(w.torch_dtype)
+    peaks = matmul_peaks_gflops(w.torch_dtype)
+    peak = max(peaks.values())
     runs: dict[str, list[Run]] = {name: [] for name in backends}
     tried: dict[str, float] | None = None
     best_hf = None
@@ -386,6 +404,7 @@ def run_throughput(w: Workload, backends: list[str], repeats: int = 1, hf_sizes:
     return {
         **_header("throughput", w),
         "matmul_peak_gflops": peak,
+        "matmul_peaks_gflops": peaks,
         "matmul_params": {"body": body, "head": head},
         "workload_gflop": flops / 1e9,
         # The fastest this workload could run at the measured matmul peak.
@@ -460,22 +479,25 @@ def _header(kind: str, w: Workload) -> dict[str, Any]:
 
 def format_report(report: dict[str, Any]) -> str:
     if report["kind"] == "throughput":
+        peaks = ", ".join(f"{name} {rate:.0f}" for name, rate in report["matmul_peaks_gflops"].items())
         lines = [f"throughput: {report['model']} {report['dtype']}, {report['num_prompts']} prompts x "
-                 f"{report['input_len']} in / {report['output_len']} out, {report['threads']} threads; matmul peak "
-                 f"{report['matmul_peak_gflops']:.0f} GFLOP/s -> roofline {report['roofline_tok_s']:.0f} tok/s"]
+                 f"{report['input_len']} in / {report['output_len']} out, {report['threads']} threads; "
+                 f"matmul peak {report['matmul_peak_gflops']:.0f} GFLOP/s ({peaks}) -> "
+                 f"roofline {report['roofline_tok_s']:.0f} tok/s"]
         for r in report["results"].values():
             extra = f"  batch size {r['batch_size']}" if r["batch_size"] else ""
             extra += f"  weights {Path(r['weights']).name}" if r["weights"] else ""
             lines.append(f"  {r['backend']:9s} {r['tok_s']:9.1f} tok/s {r['requests_s']:7.2f} req/s "
-                         f"{r['total_time_s']:8.2f} s (cpu {r['cpu_time_s']:.2f} s)  roofline {r['roofline_pct']:5.1f}%  "
-                         f"peak RSS {r['peak_rss_mb']:.0f} MB{extra}")
+                         f"{r['total_time_s']:8.2f} s (cpu {r['cpu_time_s']:.2f} s)  "
+                         f"roofline {r['roofline_pct']:5.1f}%  peak RSS {r['peak_rss_mb']:.0f} MB{extra}")
     else:
         lines = [f"latency: {report['model']} {report['dtype']}, batch 1, {report['input_len']} in / "
                  f"{report['output_len']} out, {report['threads']} threads"]
         for r in report["results"].values():
             extra = f"  weights {Path(r['weights']).name}" if r["weights"] else ""
             lines.append(f"  {r['backend']:9s} first token {r['ttft_ms']:8.1f} ms  {r['ms_per_output_token']:7.2f} "
-                         f"ms/token (cpu {r['cpu_ms_per_output_token']:.2f})  peak RSS {r['peak_rss_mb']:.0f} MB{extra}")
+                         f"ms/token (cpu {r['cpu_ms_per_output_token']:.2f})  "
+                         f"peak RSS {r['peak_rss_mb']:.0f} MB{extra}")
     for pair, ratio in report["ratios"].items():
         what = "tok/s" if report["kind"] == "throughput" else "decode speed (ms per token, inverted)"
         lines.append(f"ratio {pair} ({what}): {ratio:.2f}x")

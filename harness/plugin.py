@@ -170,8 +170,8 @@ def _notes(item: pytest.Item) -> RecordNotes | None:
             return None
         model = _model_param(item)
         callspec = getattr(item, "callspec", None)
-        item.stash[_NOTES] = _new_notes(tier, check_name(item.path.stem, item.originalname, callspec and callspec.id, model),
-                                        model, resolved_dtype(item.config))
+        name = check_name(item.path.stem, item.originalname, callspec and callspec.id, model)
+        item.stash[_NOTES] = _new_notes(tier, name, model, resolved_dtype(item.config))
     return item.stash[_NOTES]
 
 
@@ -351,6 +351,20 @@ def one_torch_thread() -> Any:
     """Torch on one intra-op thread for a module: tiny models gain nothing from a second, and
     on a few cores shared with other processes (xdist workers, other jobs) two spinning
     threads per process made a SmolLM2 decode step ~6x slower in CPU time (measured)."""
+    from harness.runners import torch_threads
+
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def tier_torch_threads() -> Any:
+    """A tier module's torch threads: one under xdist, where the workers share the cores (see
+    one_torch_thread); torch's own choice in a run alone, where a trained model's matmuls use
+    every core (SmolLM2's strict tier ~1.5x faster in wall time on 2 cores)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
     from harness.runners import torch_threads
 
     with torch_threads(1):

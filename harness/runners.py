@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import gc
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Self
 
 import torch
@@ -283,6 +283,12 @@ def _top_logprobs(logits: torch.Tensor, chosen: int, k: int) -> dict[int, float]
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     top_ids = torch.topk(logprobs, k).indices.tolist() if k > 0 else []
     return {token: logprobs[token].item() for token in [*top_ids, chosen]}
+
+
+def in_batches(prompts: Sequence[Any], batch_size: int | None, run: Callable[[list[Any]], list]) -> list:
+    """run over prompts batch_size at a time (None: all at once), the outputs concatenated."""
+    size = batch_size or len(prompts)
+    return [output for start in range(0, len(prompts), size) for output in run(list(prompts[start:start + size]))]
 
 
 @contextlib.contextmanager

@@ -46,7 +46,8 @@ def triton_kernels() -> ModuleType:
     before the process imported triton.
     """
     if not triton_available():
-        raise RuntimeError(f"{_ENV}=triton, but triton is not installed (pip install triton==3.9.0, the release torch 2.13.0 pairs with)")
+        raise RuntimeError(f"{_ENV}=triton, but triton is not installed "
+                           "(pip install triton==3.9.0, the release torch 2.13.0 pairs with)")
     if not torch.cuda.is_available():
         if "triton" not in sys.modules:
             os.environ["TRITON_INTERPRET"] = "1"

@@ -12,6 +12,7 @@ from engine.config import EngineConfig
 from engine.core.request import Sequence
 from engine.core.scheduler import ScheduledSeq
 from engine.layers.attention import Attention, AttentionMetadata, PrefillChunk
+from engine.layers.linear import pack_linears
 from engine.layers.pooler import PoolingMetadata
 from engine.layers.sampler import SamplerOutput, SamplingBatch, sample
 from engine.loader import iter_weights
@@ -49,19 +50,6 @@ def load_model(config: EngineConfig) -> nn.Module:
     return model.to(dtype=config.dtype).eval()
 
 
-def column_major_float32_linears(model: nn.Module) -> None:
-    """Stores each float32 Linear weight column-major: [in, out] memory behind its [out, in] view.
-
-    x @ weight.T is then a plain gemm over contiguous rows, which CPU BLAS streams ~1.4x faster
-    at batch 1 (decode reads every weight once per step) and never slower at larger batches
-    (measured on AVX-512, batch 1..512). bfloat16 matmuls are slower so: those stay row-major.
-    A weight tied to an embedding turns with it; a lookup of a few rows does not notice.
-    """
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and module.weight.dtype == torch.float32:
-            module.weight.data = module.weight.data.t().contiguous().t()
-
-
 class ModelRunner:
     def __init__(self, config: EngineConfig, eos_token_ids: frozenset[int] = frozenset(),
                  model: nn.Module | None = None):
@@ -70,7 +58,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.model = model if model is not None else load_model(config)
         if config.device.type == "cpu":
-            column_major_float32_linears(self.model)
+            pack_linears(self.model)
         self.vocab_size = config.hf_config.vocab_size
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self._allocate_kv_cache()

@@ -68,16 +68,16 @@ def _scores(q, k, scale, soft_cap, slopes, q_pos, k_pos, HAS_SOFTCAP: tl.constex
 
 
 @triton.jit
-def _softmax_step(s, m, l, acc, v):
+def _softmax_step(s, m, denom, acc, v):
     """Folds one key tile (masked scores s [M, N], values v [N, D]) into the running state."""
     m_new = tl.maximum(m, tl.max(s, 1))
     # A row that has seen only masked keys keeps m = -inf; subtracting 0 then avoids inf - inf.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp(s - m_safe[:, None])
     alpha = tl.exp(m - m_safe)
-    l = l * alpha + tl.sum(p, 1)
+    denom = denom * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    return m_new, l, acc
+    return m_new, denom, acc
 
 
 @triton.jit
@@ -101,7 +101,7 @@ def _decode_kernel(q_ptr, k_cache, v_cache, block_tables, context_lens, slopes_p
     start = tl.maximum(context_len - window, 0) if HAS_WINDOW else 0
 
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_G], tl.float32)
+    denom = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     for n0 in range(start, context_len, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
@@ -113,8 +113,8 @@ def _decode_kernel(q_ptr, k_cache, v_cache, block_tables, context_lens, slopes_p
         v = tl.load(v_cache + kv_off[:, None] + d[None, :], mask=kvmask, other=0.0)
         s = _scores(q, k, scale, soft_cap, slopes, q_pos, n, HAS_SOFTCAP, HAS_ALIBI)
         s = tl.where(nmask[None, :], s, float("-inf"))
-        m, l, acc = _softmax_step(s, m, l, acc, v)
-    out = acc / l[:, None]
+        m, denom, acc = _softmax_step(s, m, denom, acc, v)
+    out = acc / denom[:, None]
     tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + d[None, :], out, mask=qmask)
 
 
@@ -169,7 +169,7 @@ def _prefill_kernel(q_ptr, k_cache, v_cache, block_tables, query_start_loc, num_
     start = tl.maximum(computed + tile * BLOCK_M - window + 1, 0) if HAS_WINDOW else 0
 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_M], tl.float32)
+    denom = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
@@ -184,9 +184,9 @@ def _prefill_kernel(q_ptr, k_cache, v_cache, block_tables, query_start_loc, num_
         if HAS_WINDOW:
             visible &= n[None, :] > q_pos[:, None] - window
         s = tl.where(visible, s, float("-inf"))
-        m, l, acc = _softmax_step(s, m, l, acc, v)
-    # Rows past the chunk's end saw no key (l = 0); they are not stored.
-    out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
+        m, denom, acc = _softmax_step(s, m, denom, acc, v)
+    # Rows past the chunk's end saw no key (denom = 0); they are not stored.
+    out = acc / tl.where(denom == 0.0, 1.0, denom)[:, None]
     tl.store(out_ptr + (q_start + i)[:, None] * stride_ot + head * stride_oh + d[None, :], out, mask=qmask)
 
 

@@ -24,5 +24,5 @@ def corpus() -> Corpus:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_torch_thread: None) -> None:
-    """The tier runs beside other models' checks on few cores (see the plugin's fixture)."""
+def _threads(tier_torch_threads: None) -> None:
+    """The tier shares the cores with other models' checks under xdist (see the plugin's fixture)."""

@@ -10,33 +10,33 @@ implementation whose rounding could differ, only a batch that should not matter.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 
 from engine import LLM, SamplingParams
 from harness.golden import ReferenceSettings
-from harness.runners import EngineRunner
+from harness.runners import EngineRunner, TokensTextLogprobs
 
 pytestmark = [pytest.mark.strict, pytest.mark.usefixtures("generation_model")]
 
-MAX_TOKENS = ReferenceSettings().max_tokens
+SETTINGS = ReferenceSettings()
+MAX_TOKENS = SETTINGS.max_tokens
 # Partners leave the batch after these many tokens, at steps spread over the subject's decode.
 PARTNER_TOKENS = (3, 11, 2 * MAX_TOKENS)
-NUM_LOGPROBS = 2
 STAGGERED_MAX_SEQS = 2
 
 
 @dataclass
 class Greedy:
     token_ids: list[int]
-    # Per position: token id -> logprob, the chosen token and the top NUM_LOGPROBS.
+    # Per position: token id -> logprob, the chosen token and the top num_logprobs.
     logprobs: list[dict[int, float]]
 
 
 def generate(llm: LLM, prompts: list[str], max_tokens: list[int]) -> list[Greedy]:
-    params = [SamplingParams(temperature=0.0, max_tokens=n, logprobs=NUM_LOGPROBS) for n in max_tokens]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, logprobs=SETTINGS.num_logprobs) for n in max_tokens]
     outputs = llm.generate(prompts, params, use_tqdm=False)
     return [
         Greedy(list(c.token_ids), [{t: lp.logprob for t, lp in step.items()} for step in c.logprobs or []])
@@ -45,14 +45,9 @@ def generate(llm: LLM, prompts: list[str], max_tokens: list[int]) -> list[Greedy
 
 
 @pytest.fixture(scope="module")
-def engine(engine_runner: Callable[..., EngineRunner], model_path: str) -> Iterator[EngineRunner]:
-    with engine_runner(model_path) as runner:
-        yield runner
-
-
-@pytest.fixture(scope="module")
-def alone(engine: EngineRunner, example_prompts: list[str]) -> list[Greedy]:
-    return [generate(engine.llm, [prompt], [MAX_TOKENS])[0] for prompt in example_prompts]
+def alone(engine_generations: Callable[[int | None], list[TokensTextLogprobs]]) -> list[Greedy]:
+    """Each prompt generated on its own: test_generation's batch of one, shared."""
+    return [Greedy(token_ids, logprobs) for token_ids, _, logprobs in engine_generations(1)]
 
 
 def together(llm: LLM, prompts: list[str]) -> list[Greedy]:

@@ -17,8 +17,7 @@ without a recording is a mistake in the run, not a verdict on the model, and one
 """
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -31,18 +30,13 @@ from harness.compare import (
 )
 from harness.diff_layers import explain_failure
 from harness.golden import ReferenceOutputs, ReferenceSettings, default_golden_dir, golden_status, run_hf_reference
-from harness.runners import EngineRunner, TokensPromptLogprobs, TokensTextLogprobs
+from harness.runners import EngineRunner, TokensPromptLogprobs, in_batches
 
 pytestmark = [pytest.mark.strict, pytest.mark.usefixtures("generation_model")]
 
 # Prompts one at a time, three at a time, all at once (None).
 BATCH_SIZES = [1, 3, None]
 BATCH_IDS = ["batch1", "batch3", "batch_all"]
-
-
-@pytest.fixture(scope="module")
-def settings(dtype: str) -> ReferenceSettings:
-    return ReferenceSettings(dtype=dtype)
 
 
 # Module scope throughout: each model is loaded once per side for every test here.
@@ -60,28 +54,6 @@ def reference_outputs(
     if status.state != "fresh":
         pytest.fail(f"golden {status.describe()}; record it with `litmus golden record --model {model}`", pytrace=False)
     return status.golden.reference
-
-
-@pytest.fixture(scope="module")
-def engine(engine_runner: Callable[..., EngineRunner], model_path: str) -> Iterator[EngineRunner]:
-    with engine_runner(model_path) as runner:
-        yield runner
-
-
-@pytest.fixture(scope="module")
-def engine_generations(
-    engine: EngineRunner, example_prompts: list[str], settings: ReferenceSettings
-) -> Callable[[int | None], list[TokensTextLogprobs]]:
-    """The engine's greedy outputs for a batch size, each computed once for all tests here."""
-
-    @functools.cache
-    def generate(batch_size: int | None) -> list[TokensTextLogprobs]:
-        return _in_batches(
-            example_prompts, batch_size,
-            lambda batch: engine.generate_greedy_logprobs(batch, settings.max_tokens, settings.num_logprobs),
-        )
-
-    return generate
 
 
 @pytest.mark.parametrize("batch_size", BATCH_SIZES, ids=BATCH_IDS)
@@ -107,7 +79,7 @@ def test_prompt_logprobs_match_hf(
 ):
     k = settings.num_prompt_logprobs
     litmus_record.metrics.update(reference=reference, batch_size=batch_size or len(example_prompts))
-    outputs: list[TokensPromptLogprobs] = _in_batches(
+    outputs: list[TokensPromptLogprobs] = in_batches(
         example_prompts, batch_size, lambda batch: engine.prompt_logprobs(batch, k)
     )
     _measured(litmus_record, model_path, example_prompts, lambda: check_prompt_logprobs_close(
@@ -124,11 +96,6 @@ def test_text_matches_hf_where_tokens_match(
     litmus_record.metrics.update(reference=reference, compared_prompts=compared)
     if not compared:
         pytest.skip("no prompt produced identical tokens on both sides, so no text was comparable")
-
-
-def _in_batches(prompts: Sequence[str], batch_size: int | None, run: Callable[[list[str]], list]) -> list:
-    size = batch_size or len(prompts)
-    return [output for start in range(0, len(prompts), size) for output in run(list(prompts[start:start + size]))]
 
 
 def _measured(litmus_record, model_path: str, prompts: list[str], compare: Callable[[], Any]) -> None:

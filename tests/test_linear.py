@@ -1,0 +1,91 @@
+"""engine/layers/linear.py: nn.Linear through oneDNN with packed weights, against nn.Linear itself."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from engine.layers.linear import OneDnnLinear, pack_linears
+
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
+    pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN"),
+]
+
+
+def _pair(in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> tuple[nn.Linear, nn.Linear]:
+    torch.manual_seed(in_features * 1000 + out_features)
+    plain = nn.Linear(in_features, out_features, bias=bias).to(dtype)
+    packed = nn.Linear(in_features, out_features, bias=bias).to(dtype)
+    packed.load_state_dict(plain.state_dict())
+    assert pack_linears(packed) == 1 and isinstance(packed, OneDnnLinear)
+    return plain, packed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 40), (7, 40), (2, 3, 40)])
+def test_packed_linear_matches_nn_linear(dtype: torch.dtype, bias: bool, shape: tuple[int, ...]) -> None:
+    plain, packed = _pair(40, 24, bias, dtype)
+    x = torch.randn(shape).to(dtype)
+    with torch.inference_mode():
+        got, expected = packed(x), plain(x)
+    assert got.shape == expected.shape and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=tol)
+
+
+def test_non_contiguous_input() -> None:
+    plain, packed = _pair(40, 24, True, torch.float32)
+    x = torch.randn(5, 80)[:, ::2]
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x), plain(x), atol=1e-5, rtol=1e-5)
+
+
+def test_an_edited_or_replaced_weight_takes_effect_and_restoring_it_restores_the_output() -> None:
+    plain, packed = _pair(16, 8, False, torch.float32)
+    x = torch.randn(3, 16)
+    with torch.inference_mode():
+        before = packed(x)
+    with torch.no_grad():
+        packed.weight.mul_(2.0)  # in place, as a planted fault edits
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x), 2 * before)
+    original = packed.weight
+    packed.weight = nn.Parameter(torch.zeros_like(original))  # replaced, as an untied head is
+    with torch.inference_mode():
+        assert torch.equal(packed(x), torch.zeros(3, 8))
+    packed.weight = original
+    with torch.no_grad():
+        original.div_(2.0)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x), before)
+
+
+def test_autograd_still_flows() -> None:
+    plain, packed = _pair(16, 8, True, torch.float32)
+    x = torch.randn(3, 16, requires_grad=True)
+    packed(x).sum().backward()
+    assert packed.weight.grad is not None and x.grad is not None
+    expected = torch.autograd.grad(plain(x).sum(), x)[0]
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_pack_linears_converts_float32_and_bfloat16_linears_only() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4).to(torch.bfloat16), nn.Linear(4, 4).double(),
+                          nn.Embedding(5, 4))
+    assert pack_linears(model) == 2
+    assert [type(m) for m in model] == [OneDnnLinear, OneDnnLinear, nn.Linear, nn.Embedding]
+    assert pack_linears(model) == 0  # already converted
+
+
+def test_tied_weight_stays_tied() -> None:
+    embedding = nn.Embedding(10, 6)
+    head = nn.Linear(6, 10, bias=False)
+    head.weight = embedding.weight
+    model = nn.ModuleDict({"embedding": embedding, "head": head})
+    pack_linears(model)
+    assert model["head"].weight is model["embedding"].weight
+    with torch.inference_mode():
+        hidden = embedding(torch.tensor([3]))
+        torch.testing.assert_close(model["head"](hidden), hidden @ embedding.weight.T, atol=1e-5, rtol=1e-5)

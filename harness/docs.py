@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.matrix import DOCS_FILE, LATEST, MATRIX_JSON, Matrix, Row, RunInfo, load_matrix
+
 # The table shows the support levels, as vLLM's page would; serving is in the matrix report.
 from harness.results import LEVELS
 

@@ -13,6 +13,7 @@ place even under `-n`.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from harness.results import RECORDS_FILE, TIERS, ResultRecord, append_record
+from harness.results import RECORDS_FILE, TIERS, ResultRecord, append_record, jsonable
 
 if TYPE_CHECKING:
     from harness.runners import EngineRunner, HfRunner
@@ -203,7 +204,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
     report = yield
     notes = _notes(item)
     if notes is not None:
-        report.user_properties.append((_PROPERTY, asdict(notes)))
+        # Plain JSON values only: xdist carries user_properties to the controller through execnet,
+        # which refuses numpy scalars (lm-eval's metrics are numpy.float64).
+        plain = json.loads(json.dumps(asdict(notes), default=jsonable))
+        report.user_properties.append((_PROPERTY, plain))
     return report
 
 

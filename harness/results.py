@@ -86,10 +86,11 @@ class ResultRecord:
             self.timestamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, default=_jsonable)
+        return json.dumps(asdict(self), sort_keys=True, default=jsonable)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """json.dumps' fallback: numpy / torch scalars as their Python value, anything else as text."""
     if hasattr(value, "item"):
         return value.item()
     return str(value)

@@ -12,14 +12,18 @@ from harness.results import read_records
 
 pytest_plugins = ["pytester"]
 
+PASSED_METRICS = {"tokens": 7, "perplexity": 23.5}
+
 SUITE = """
+import numpy
 import pytest
 
 pytestmark = pytest.mark.strict
 
 
 def test_passes(model, litmus_record):
-    litmus_record.metrics["tokens"] = 7
+    # A numpy scalar (as lm-eval's metrics are) must cross from an xdist worker too.
+    litmus_record.metrics.update(tokens=7, perplexity=numpy.float64(23.5))
 
 
 def test_fails(model):
@@ -96,7 +100,7 @@ def test_every_outcome_becomes_one_record(suite: pytest.Pytester) -> None:
         return records[(model, f"test_suite::{check}")]
 
     passed = get("test_passes")
-    assert (passed.outcome, passed.tier, passed.metrics) == ("pass", "strict", {"tokens": 7})
+    assert (passed.outcome, passed.tier, passed.metrics) == ("pass", "strict", PASSED_METRICS)
     assert (passed.architecture, passed.task, passed.dtype) == ("LlamaForCausalLM", "generate", "float32")
     assert passed.engine_version and passed.torch and passed.transformers and passed.timestamp
     failed = get("test_fails")
@@ -123,6 +127,8 @@ def test_xdist_controller_writes_each_record_once(suite: pytest.Pytester) -> Non
     keys = [(d["model"], d["check"]) for d in map(json.loads, lines)]
     assert len(keys) == len(set(keys)) == 19  # 9 per model, the model-less test once
     assert {d["model"] for d in map(json.loads, lines)} == {"tiny-llama", "tiny-qwen2", "tiny-gpt2"}
+    passed = [d["metrics"] for d in map(json.loads, lines) if d["check"] == "test_suite::test_passes"]
+    assert passed == [PASSED_METRICS] * 2
 
 
 def test_worker_crash_is_an_error_record(pytester: pytest.Pytester) -> None:

@@ -13,7 +13,6 @@ from engine.core.block_manager import BlockManager
 from engine.core.request import Sequence
 from engine.core.scheduler import Scheduler, SchedulerOutput
 from engine.detokenizer import Detokenizer
-from engine.layers.sampler import compute_logprobs_info
 from engine.loader import load_tokenizer
 from engine.outputs import CompletionOutput, Logprob, PoolingOutput, PoolingRequestOutput, RequestOutput
 from engine.pooling_params import PoolingParams
@@ -206,12 +205,9 @@ class LLMEngine:
 
     def _append_prompt_logprobs(self, chunk: PromptLogprobsChunk) -> None:
         seq = chunk.seq
-        first = chunk.first_position
-        targets = torch.tensor(seq.prompt_token_ids[first:first + chunk.logprobs.shape[0]])
-        k = seq.params.prompt_logprobs
-        chosen, ranks, top_ids, top_lps = compute_logprobs_info(chunk.logprobs, targets, k)
-        for i, token in enumerate(targets.tolist()):
-            seq.prompt_logprobs.append(self._logprob_dict(token, (chosen[i], ranks[i], top_ids[i], top_lps[i])))
+        targets = seq.prompt_token_ids[chunk.first_position:chunk.first_position + len(chunk.chosen)]
+        for token, stats in zip(targets, zip(chunk.chosen, chunk.ranks, chunk.top_ids, chunk.top_logprobs)):
+            seq.prompt_logprobs.append(self._logprob_dict(token, stats))
 
     def _check_stop(self, seq: Sequence, new_text: str) -> None:
         p = seq.params

@@ -14,16 +14,25 @@ from engine.core.scheduler import ScheduledSeq
 from engine.layers.attention import Attention, AttentionMetadata, PrefillChunk
 from engine.layers.linear import pack_linears
 from engine.layers.pooler import PoolingMetadata
-from engine.layers.sampler import SamplerOutput, SamplingBatch, sample
+from engine.layers.sampler import SamplerOutput, SamplingBatch, compute_logprobs_info, sample
 from engine.loader import iter_weights
 from engine.models.registry import get_model_impl, resolve_model_impl
+
+# Prompt rows scored per LM-head call: a full-vocabulary log-softmax row is large (Gemma 3's
+# 262k vocabulary: 1 MiB in float32), so a long prompt's rows are reduced to their logprob
+# stats a slice at a time; all 2048 at once took Gemma 3 270M's perplexity check to 12 GB.
+PROMPT_LOGPROB_ROWS = 256
 
 
 @dataclass
 class PromptLogprobsChunk:
     seq: Sequence
     first_position: int  # prompt index of the first token these rows score
-    logprobs: torch.Tensor  # [rows, V] log-softmax over the logits predicting those tokens
+    # Per scored token (sampler.compute_logprobs_info): its logprob, its rank, the top-k ids and logprobs.
+    chosen: list[float]
+    ranks: list[int]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
 
 
 @dataclass
@@ -79,21 +88,26 @@ class ModelRunner:
         input_ids, positions, meta = self._prepare(scheduled)
         hidden = self.model(input_ids, positions, meta)
         rows, sampled = self._sample_rows(scheduled)
-        prompt_chunks, prompt_rows = self._prompt_logprob_rows(scheduled)
         sampler_output = None
-        if not rows and not prompt_rows:
-            return StepResult([], None, [])
         # The LM head runs only on rows that need logits, not on every prefill token.
-        logits = self.model.compute_logits(hidden[torch.tensor(rows + prompt_rows, dtype=torch.long)])
         if sampled:
-            sampler_output = sample(logits[:len(rows)], self._sampling_batch(sampled))
-        offset = len(rows)
-        results = []
-        for seq, first, count in prompt_chunks:
-            lp = torch.log_softmax(logits[offset:offset + count], dim=-1)
-            results.append(PromptLogprobsChunk(seq, first, lp))
-            offset += count
-        return StepResult(sampled, sampler_output, results)
+            logits = self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.long)])
+            sampler_output = sample(logits, self._sampling_batch(sampled))
+        prompt_logprobs = [self._score_prompt(hidden, seq, first, prompt_rows)
+                           for seq, first, prompt_rows in self._prompt_logprob_rows(scheduled)]
+        return StepResult(sampled, sampler_output, prompt_logprobs)
+
+    def _score_prompt(self, hidden: torch.Tensor, seq: Sequence, first: int, rows: list[int]) -> PromptLogprobsChunk:
+        """The logprob stats of prompt tokens first.. predicted by the given hidden rows."""
+        targets = torch.tensor(seq.prompt_token_ids[first:first + len(rows)])
+        chunk = PromptLogprobsChunk(seq, first, [], [], [], [])
+        for start in range(0, len(rows), PROMPT_LOGPROB_ROWS):
+            part = slice(start, start + PROMPT_LOGPROB_ROWS)
+            logits = self.model.compute_logits(hidden[torch.tensor(rows[part], dtype=torch.long)])
+            stats = compute_logprobs_info(torch.log_softmax(logits, dim=-1), targets[part], seq.params.prompt_logprobs)
+            for collected, more in zip((chunk.chosen, chunk.ranks, chunk.top_ids, chunk.top_logprobs), stats):
+                collected.extend(more)
+        return chunk
 
     @torch.inference_mode()
     def execute_pooling(self, scheduled: list[ScheduledSeq]) -> list[torch.Tensor]:
@@ -155,9 +169,10 @@ class ModelRunner:
                 seqs.append(s.seq)
         return rows, seqs
 
-    def _prompt_logprob_rows(self, scheduled: list[ScheduledSeq]):
-        """Rows whose logits score a prompt token: position p predicts prompt token p + 1."""
-        chunks, rows, q_start = [], [], 0
+    def _prompt_logprob_rows(self, scheduled: list[ScheduledSeq]) -> list[tuple[Sequence, int, list[int]]]:
+        """Per sequence scoring prompt tokens this step: the first prompt index scored and the
+        batch rows whose logits score it and the next ones (position p predicts token p + 1)."""
+        chunks, q_start = [], 0
         for s in scheduled:
             seq = s.seq
             start = seq.num_computed_tokens
@@ -165,10 +180,9 @@ class ModelRunner:
                 first = max(start, len(seq.prompt_logprobs) - 1)
                 last = min(start + s.num_new_tokens, seq.num_prompt_tokens - 1)
                 if last > first:
-                    rows.extend(q_start + p - start for p in range(first, last))
-                    chunks.append((seq, first + 1, last - first))
+                    chunks.append((seq, first + 1, [q_start + p - start for p in range(first, last)]))
             q_start += s.num_new_tokens
-        return chunks, rows
+        return chunks
 
     def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         params = [s.params for s in seqs]

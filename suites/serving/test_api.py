@@ -14,6 +14,7 @@ from harness.serving import ServerProcess
 
 pytestmark = pytest.mark.serving
 needs_generation = pytest.mark.usefixtures("generation_model")
+PLAIN_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
 
 # (case id, parameter, value)
 BAD_PARAMS = [
@@ -72,8 +73,10 @@ def test_prompt_too_long_is_400(client, model, max_model_len):
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=model, prompt=[0] * (max_model_len + 1), max_tokens=1)
     assert info.value.param == "prompt" and "max_model_len" in info.value.message
+    # A template of its own (the server's extension): a model without one (Gemma 3's GGUF) is checked too.
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "word " * max_model_len}])
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "word " * max_model_len}],
+                                       extra_body={"chat_template": PLAIN_TEMPLATE})
     assert info.value.param == "messages" and "max_model_len" in info.value.message
 
 

@@ -15,7 +15,7 @@ def _threads(tier_torch_threads: None) -> None:
     """The tier shares the cores with other models' checks under xdist (see the plugin's fixture)."""
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def generation_model(model_spec) -> None:
     """Skips a generation check for a pooling model (its strict checks are test_pooling's)."""
     if model_spec.task != "generate":
@@ -24,8 +24,11 @@ def generation_model(model_spec) -> None:
 
 
 @pytest.fixture(scope="session")
-def engine(engine_runner: Callable[..., EngineRunner], model_path: str) -> Iterator[EngineRunner]:
-    """The engine at its defaults, loaded once per model for every strict module."""
+def engine(generation_model: None, engine_runner: Callable[..., EngineRunner], model_path: str
+           ) -> Iterator[EngineRunner]:
+    """The engine at its defaults, loaded once per model for every strict module. Session scope
+    sets it up before module fixtures: it asks for generation_model itself, so that a pooling
+    model skips rather than fail to load for generation."""
     with engine_runner(model_path) as runner:
         yield runner
 

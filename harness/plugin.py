@@ -143,6 +143,9 @@ def _param(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+# tryfirst: xdist's worker turns each item's xdist_group markers into its node id's group in its
+# own pytest_collection_modifyitems, which would otherwise run before this one and see none.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         model = _model_param(item)

@@ -131,6 +131,28 @@ def test_xdist_controller_writes_each_record_once(suite: pytest.Pytester) -> Non
     assert passed == [PASSED_METRICS] * 2
 
 
+def test_loadgroup_runs_each_models_checks_in_one_worker(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_grouped="""
+import os
+import pytest
+
+pytestmark = pytest.mark.strict
+
+
+@pytest.mark.parametrize("step", range(6))
+def test_step(model, step, litmus_record):
+    litmus_record.metrics["worker"] = os.environ["PYTEST_XDIST_WORKER"]
+""")
+    models = ["tiny-llama", "tiny-qwen2", "tiny-mistral"]
+    result = _run(pytester, *[arg for m in models for arg in ("--model", m)], "-n", "2", "--dist", "loadgroup",
+                  subprocess=True)
+    result.assert_outcomes(passed=18)
+    workers = {}
+    for record in read_records(pytester.path / "out"):
+        workers.setdefault(record.model, set()).add(record.metrics["worker"])
+    assert sorted(workers) == sorted(models) and all(len(w) == 1 for w in workers.values()), workers
+
+
 def test_worker_crash_is_an_error_record(pytester: pytest.Pytester) -> None:
     pytester.mkdir("strict")
     pytester.path.joinpath("strict", "test_crash.py").write_text(

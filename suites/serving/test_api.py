@@ -108,8 +108,11 @@ def test_metrics_count_requests_tokens_and_kv_blocks(server, client, model, mode
     if model_spec.task == "generate":
         usage = client.completions.create(model=model, prompt="Once upon a time", max_tokens=5, temperature=0).usage
         generated = usage.completion_tokens
-    else:
+    elif model_spec.task == "embed":
         usage, generated = client.embeddings.create(model=model, input="Once upon a time").usage, 0
+    else:
+        pytest.skip(f"task={model_spec.task}: the server has no endpoint for it (it serves /v1/completions, "
+                    "/v1/chat/completions and /v1/embeddings), so no request to count; the gauges are there")
     server.wait_idle()
     after = _scrape(server)
     grew = {name: after[name] - before[name] for name in after if name.endswith("_total")}

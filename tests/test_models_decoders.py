@@ -26,7 +26,9 @@ from torch import nn
 
 import harness.zoo as zoo
 from engine.layers.attention import Attention, get_alibi_slopes
+from engine.layers.moe import GroupedTopK
 from engine.layers.norm import GemmaRMSNorm, LayerNorm
+from engine.layers.rotary import rope_inv_freq
 from engine.llm import LLM
 from engine.loader import WeightsError
 from engine.models.stablelm import StableLmLayerNormPerHead
@@ -40,7 +42,7 @@ FAMILY_MODELS = [
     "tiny-granite", "tiny-phi3", "tiny-glm", "tiny-nemotron", "tiny-olmo", "tiny-olmo2", "tiny-starcoder2",
     "tiny-cohere", "tiny-cohere2", "tiny-phi", "tiny-gptj", "tiny-stablelm", "tiny-opt", "tiny-bloom", "tiny-falcon",
     "tiny-mpt", "tiny-mixtral", "tiny-qwen2-moe", "tiny-olmoe", "tiny-phimoe", "tiny-granitemoe",
-    "tiny-dbrx",
+    "tiny-dbrx", "tiny-deepseek-v2", "tiny-deepseek-v3",
 ]
 # Config variants the zoo has no model for: (zoo recipe, config overrides).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -55,6 +57,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "bloom-residual-from-norm": ("tiny-bloom", {"apply_residual_connection_post_layernorm": True}),
     "stablelm-parallel": ("tiny-stablelm", {"use_parallel_residual": True}),
     "gpt2-tied-untied": ("tiny-gpt2", {"tie_word_embeddings": False, "scale_attn_by_inverse_layer_idx": False}),
+    # DeepSeek-V2-Lite's shape: q straight from hidden (no q LoRA), ungrouped routing, a dense first layer.
+    "deepseek-v2-lite-layout": ("tiny-deepseek-v2", {
+        "q_lora_rank": None, "topk_method": "greedy", "first_k_dense_replace": 1,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    }),
+    "deepseek-v3-neox-rope": ("tiny-deepseek-v3", {"rope_interleave": False}),
 }
 PROMPTS = [
     "Yes",
@@ -165,6 +173,13 @@ FEATURES = {
     "olmoe clip_qkv": ("tiny-olmoe", _set_on_modules("clip_qkv", None)),
     "dbrx top-2 routing": ("tiny-dbrx", _set_on_modules("top_k", 1)),
     "dbrx clip_qkv": ("tiny-dbrx", _set_on_modules("clip_qkv", None)),
+    "deepseek-v2 group-limited routing": ("tiny-deepseek-v2", _set_on_modules("grouped", GroupedTopK(
+        routed_scaling_factor=1.5))),
+    "deepseek-v2 interleaved rope pairs": ("tiny-deepseek-v2", _set_on_modules("is_neox_style", True)),
+    "deepseek-v2 yarn mscale on the softmax scale": ("tiny-deepseek-v2", _set_on_attention("scale", 24 ** -0.5)),
+    "deepseek-v3 score correction bias": ("tiny-deepseek-v3", _set_on_modules("score_bias", None)),
+    "deepseek-v3 group-limited routing": ("tiny-deepseek-v3", _set_on_modules("grouped", GroupedTopK(
+        routed_scaling_factor=2.5))),
 }
 
 
@@ -244,6 +259,28 @@ def test_alibi_slopes_equal_transformers(num_heads: int) -> None:
     torch.testing.assert_close(get_alibi_slopes(num_heads), -mpt[:, 0, -2].float(), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("recipe, overrides", [
+    ("tiny-deepseek-v2", {}),
+    ("tiny-deepseek-v3", {}),
+    # No mscale pair: the attention factor from `factor` alone; an untruncated correction range.
+    ("tiny-deepseek-v3", {"mscale": None, "mscale_all_dim": None, "truncate": False, "beta_fast": 16}),
+    ("tiny-deepseek-v3", {"attention_factor": 0.9}),
+])
+def test_yarn_rope_equals_transformers(recipe: str, overrides: dict[str, Any]) -> None:
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = synthetic.RECIPES[recipe].hf_config()
+    config.rope_parameters = {k: v for k, v in {**config.rope_parameters, **overrides}.items() if v is not None}
+    want_inv_freq, want_factor = ROPE_INIT_FUNCTIONS["yarn"](config)
+    inv_freq, factor = rope_inv_freq(config.qk_rope_head_dim, config.rope_parameters, config.max_position_embeddings)
+    assert factor == pytest.approx(want_factor, rel=1e-12)
+    torch.testing.assert_close(inv_freq, want_inv_freq, rtol=0, atol=0)
+    # The recipes put rope's frequencies in all three regimes: kept, blended, divided by factor.
+    plain = rope_inv_freq(config.qk_rope_head_dim, {"rope_theta": config.rope_parameters["rope_theta"]}, 2048)[0]
+    ratio = (plain / inv_freq).tolist()
+    assert ratio[0] == 1 and 1 < ratio[1] < ratio[-1] == pytest.approx(config.rope_parameters["factor"])
+
+
 # --- loading -------------------------------------------------------------------------------
 
 def _edited_copy(name: str, tmp_path: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> str:
@@ -284,6 +321,7 @@ def test_misshapen_tensor_is_named(tmp_path: Path) -> None:
     ("tiny-phi3", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
                                        "long_factor": [1.0] * 8, "original_max_position_embeddings": 1024}},
      r"rope_type 'longrope' is not implemented"),
+    ("tiny-deepseek-v2", {"topk_method": "noaux_tc"}, r"DeepSeek-V2 topk_method='noaux_tc' is not supported"),
 ])
 def test_unsupported_variant_is_refused_by_name(name: str, override: dict[str, Any], message: str) -> None:
     with pytest.raises(NotImplementedError, match=message):

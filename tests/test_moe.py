@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import json
 import shutil
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import DeepseekV2Config, DeepseekV3Config
+from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 from transformers.models.phimoe.modeling_phimoe import sparsemixer
 
-from engine.layers.moe import FusedMoE, route, stack_experts
+from engine.layers.moe import FusedMoE, GroupedTopK, route, stack_experts
 from engine.loader import WeightsError
 from engine.models.dbrx import _stack_experts as dbrx_stack_experts
 from engine.models.registry import get_model_impl, supported_architectures
@@ -74,12 +78,92 @@ def test_sparsemixer_threshold_admits_near_experts() -> None:
 
 
 def test_bad_routing_is_refused_by_name() -> None:
-    with pytest.raises(ValueError, match="scoring 'sigmoid'"):
-        FusedMoE(HIDDEN, INTER, NUM_EXPERTS, 2, "silu", scoring="sigmoid")
+    with pytest.raises(ValueError, match="scoring 'cosine'"):
+        FusedMoE(HIDDEN, INTER, NUM_EXPERTS, 2, "silu", scoring="cosine")
+    with pytest.raises(ValueError, match="6 experts cannot be routed in 4 groups"):
+        FusedMoE(HIDDEN, INTER, NUM_EXPERTS, 2, "silu", grouped=GroupedTopK(num_groups=4, topk_groups=2))
+    with pytest.raises(ValueError, match="top_k=3 exceeds the 2 experts"):
+        FusedMoE(HIDDEN, INTER, NUM_EXPERTS, 3, "silu", grouped=GroupedTopK(num_groups=3, topk_groups=1))
     with pytest.raises(ValueError, match="top_k=7"):
         FusedMoE(HIDDEN, INTER, NUM_EXPERTS, 7, "silu")
     with pytest.raises(ValueError, match="exactly 2"):
         route(_logits(), 3, "sparsemixer", jitter_eps=0.01)
+
+
+# DeepSeek's grouped routing: 8 experts in 4 groups of 2, the best 2 groups routable.
+DEEPSEEK_ROUTING = dict(hidden_size=HIDDEN, num_attention_heads=4, n_routed_experts=8, n_group=4, topk_group=2)
+
+
+def _randomised_router(router: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random router weights (and score correction bias); returns (hidden states, router logits)."""
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(router.weight.shape, generator=generator))
+        if hasattr(router, "e_score_correction_bias"):
+            router.e_score_correction_bias.copy_(0.3 * torch.randn(router.num_experts, generator=generator))
+    x = torch.randn(256, HIDDEN, generator=generator) / HIDDEN ** 0.5
+    return x, F.linear(x, router.weight)
+
+
+def _by_expert(weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's picks in expert order (Transformers' top-k leaves them unsorted)."""
+    order = ids.argsort(dim=-1)
+    return weights.gather(-1, order), ids.gather(-1, order)
+
+
+def _route_as_transformers(router: torch.nn.Module, top_k: int, scoring: str, **kwargs: Any):
+    """route() on the randomised router's logits, checked equal to the router's own picks and
+    weights; returns (logits, weights, ids), the picks in expert order."""
+    x, logits = _randomised_router(router)
+    _, ref_weights, ref_ids = router(x)
+    weights, ids = _by_expert(*route(logits, top_k, scoring, **kwargs))
+    ref_weights, ref_ids = _by_expert(ref_weights, ref_ids)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights, ref_weights)
+    return logits, weights, ids
+
+
+@pytest.mark.parametrize("topk_method", ["greedy", "group_limited_greedy"])
+@torch.no_grad()
+def test_deepseek_v2_routing_matches_transformers(topk_method: str) -> None:
+    config = DeepseekV2Config(**DEEPSEEK_ROUTING, num_experts_per_tok=3, topk_method=topk_method,
+                              routed_scaling_factor=1.5)
+    grouped = topk_method == "group_limited_greedy"
+    routing = GroupedTopK(4, 2, 1.5) if grouped else GroupedTopK(routed_scaling_factor=1.5)
+    logits, _, ids = _route_as_transformers(DeepseekV2TopkRouter(config), 3, "softmax", grouped=routing)
+    ungrouped_ids = _by_expert(*route(logits, 3, "softmax"))[1]
+    # The group limit binds on some tokens (their third pick), and only with grouping on.
+    assert torch.equal(ids, ungrouped_ids) != grouped
+
+
+@pytest.mark.parametrize("norm_topk_prob", [False, True])
+@torch.no_grad()
+def test_deepseek_v3_routing_matches_transformers(norm_topk_prob: bool) -> None:
+    config = DeepseekV3Config(**DEEPSEEK_ROUTING, num_experts_per_tok=2, norm_topk_prob=norm_topk_prob,
+                              routed_scaling_factor=2.5)
+    router = DeepseekV3TopkRouter(config)
+    bias = router.e_score_correction_bias
+    logits, weights, ids = _route_as_transformers(router, 2, "sigmoid", renormalize=norm_topk_prob,
+                                                  grouped=GroupedTopK(4, 2, 2.5), score_bias=bias)
+    # The bias steers the choice only: the weights are the unbiased sigmoid scores.
+    scores = logits.sigmoid().gather(-1, ids)
+    expected = scores / scores.sum(-1, keepdim=True) if norm_topk_prob else scores
+    torch.testing.assert_close(weights, 2.5 * expected)
+    unbiased_ids = route(logits, 2, "sigmoid", grouped=GroupedTopK(4, 2, 2.5))[1].sort(dim=-1).values
+    ungrouped_ids = route(logits, 2, "sigmoid", score_bias=bias)[1].sort(dim=-1).values
+    assert not torch.equal(ids, unbiased_ids) and not torch.equal(ids, ungrouped_ids)
+
+
+@torch.no_grad()
+def test_ungated_shared_expert_is_added_as_it_is() -> None:
+    shared_expert = torch.nn.Linear(HIDDEN, HIDDEN)
+    moe = FusedMoE(HIDDEN, INTER, NUM_EXPERTS, 2, "silu", shared_expert=shared_expert, shared_expert_gate=False)
+    x = torch.randn(8, HIDDEN, generator=torch.Generator().manual_seed(5))
+    torch.nn.init.normal_(moe.experts.w13)
+    torch.nn.init.normal_(moe.experts.w2)
+    weights, ids = route(moe.gate(x), 2, "softmax")
+    assert moe.shared_expert_gate is None
+    torch.testing.assert_close(moe(x), moe.experts(x, weights, ids) + shared_expert(x))
 
 
 def _moe(shared: bool = False, seed: int = 0) -> FusedMoE:

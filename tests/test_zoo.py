@@ -19,7 +19,7 @@ SYNTHETIC = LLAMA_FAMILY + [
     "tiny-granite", "tiny-phi3", "tiny-glm", "tiny-nemotron", "tiny-olmo", "tiny-olmo2", "tiny-starcoder2",
     "tiny-cohere", "tiny-cohere2", "tiny-phi", "tiny-gptj", "tiny-stablelm", "tiny-opt", "tiny-bloom", "tiny-falcon",
     "tiny-mpt", "tiny-mixtral", "tiny-qwen2-moe", "tiny-olmoe", "tiny-phimoe", "tiny-granitemoe",
-    "tiny-dbrx",
+    "tiny-dbrx", "tiny-deepseek-v2", "tiny-deepseek-v3",
 ]
 REAL = ["smollm2-135m-instruct", "gemma3-270m"]
 POOLING = [

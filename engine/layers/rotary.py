@@ -21,6 +21,8 @@ def rope_inv_freq(rotary_dim: int, params: dict[str, Any], max_position: int) ->
         return inv_freq / float(params["factor"]), 1.0
     if rope_type == "llama3":
         return _llama3_inv_freq(inv_freq, params, max_position), 1.0
+    if rope_type == "yarn":
+        return _yarn_inv_freq(rotary_dim, base, params, max_position)
     raise NotImplementedError(f"rope_type {rope_type!r} is not implemented by the engine")
 
 
@@ -37,6 +39,41 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict[str, Any], max_positio
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(is_medium, smoothed, scaled)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction for a context stretched by `factor`."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn_inv_freq(rotary_dim: int, base: float, params: dict[str, Any],
+                   max_position: int) -> tuple[torch.Tensor, float]:
+    # High frequencies are kept, low ones divided by `factor`, the band between blended linearly
+    # (the band's bounds from beta_fast / beta_slow rotations over the original context).
+    old_len = params["original_max_position_embeddings"]
+    factor = params.get("factor") or max_position / old_len
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = yarn_mscale(factor)
+
+    def dim_of(rotations: float) -> float:
+        return rotary_dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(params.get("beta_fast") or 32), dim_of(params.get("beta_slow") or 1)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim)
+    extrapolation = 1 - ramp
+    inv_freq = 1.0 / (factor * pos_freqs) * (1 - extrapolation) + 1.0 / pos_freqs * extrapolation
+    return inv_freq, float(attention_factor)
 
 
 class RotaryEmbedding(nn.Module):

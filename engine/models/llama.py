@@ -42,7 +42,8 @@ from engine.layers.rotary import get_rope
 from engine.models.utils import Packed, fused_linear, load_weights
 
 QKV_PACKED = [Packed("qkv_proj", "q_proj", 0), Packed("qkv_proj", "k_proj", 1), Packed("qkv_proj", "v_proj", 2)]
-PACKED = QKV_PACKED + [Packed("gate_up_proj", "gate_proj", 0), Packed("gate_up_proj", "up_proj", 1)]
+GATE_UP_PACKED = [Packed("gate_up_proj", "gate_proj", 0), Packed("gate_up_proj", "up_proj", 1)]
+PACKED = QKV_PACKED + GATE_UP_PACKED
 
 
 def head_dim_of(config: PretrainedConfig) -> int:
@@ -212,11 +213,14 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    # A family with the same residual stream and its own layers (DeepSeek) swaps this.
+    layer_class: type[nn.Module] = LlamaDecoderLayer
+
     def __init__(self, config: PretrainedConfig, arch: str):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, arch) for i in range(config.num_hidden_layers)
+            self.layer_class(config, i, arch) for i in range(config.num_hidden_layers)
         )
         self.norm = norm_factory(config, arch)(config.hidden_size)
         self.embedding_multiplier = float(getattr(config, "embedding_multiplier", 1.0))
@@ -239,11 +243,12 @@ class LlamaForCausalLM(nn.Module):
     renames: list[tuple[str, str]] = []
     # MoE variants: per-expert checkpoint part -> (stacked parameter, shard) (engine/layers/moe.py).
     expert_parts: dict[str, tuple[str, int]] = {}
+    model_class: type[LlamaModel] = LlamaModel
 
     def __init__(self, config: PretrainedConfig):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, type(self).__name__)
+        self.model = self.model_class(config, type(self).__name__)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         lm_head_bias = bool(getattr(config, "lm_head_bias", False))  # PhiMoE
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=lm_head_bias)

@@ -38,6 +38,8 @@ _NATIVE: dict[str, ModelImpl] = {
     "PhimoeForCausalLM": ModelImpl("llama", "PhimoeForCausalLM"),
     "GraniteMoeForCausalLM": ModelImpl("llama", "GraniteMoeForCausalLM"),
     "DbrxForCausalLM": ModelImpl("dbrx", "DbrxForCausalLM"),
+    "DeepseekV2ForCausalLM": ModelImpl("deepseek", "DeepseekV2ForCausalLM"),
+    "DeepseekV3ForCausalLM": ModelImpl("deepseek", "DeepseekV3ForCausalLM"),
     "GemmaForCausalLM": ModelImpl("gemma", "GemmaForCausalLM"),
     "Gemma2ForCausalLM": ModelImpl("gemma", "Gemma2ForCausalLM"),
     "Gemma3ForCausalLM": ModelImpl("gemma", "Gemma3ForCausalLM"),

@@ -106,6 +106,10 @@ _SPECS = [
     _synthetic("tiny-granitemoe", "GraniteMoeForCausalLM",
                "2-layer GraniteMoE, 4 experts, softmax over top-2 logits, Granite multipliers"),
     _synthetic("tiny-dbrx", "DbrxForCausalLM", "2-layer DBRX, fused Wqkv clipped at 1.5, 4 experts top-2"),
+    _synthetic("tiny-deepseek-v2", "DeepseekV2ForCausalLM",
+               "2-layer DeepSeek-V2, MLA with q LoRA, yarn rope, 8 experts in 4 groups (best 2) top-3, 2 shared"),
+    _synthetic("tiny-deepseek-v3", "DeepseekV3ForCausalLM",
+               "3-layer DeepSeek-V3, MLA, yarn rope, dense first layer, biased sigmoid routing in groups, 1 shared"),
     # Pooling models (harness/zoo/pooling.py).
     ZooSpec(
         name="all-minilm-l6-v2", architecture="BertModel", kind="real", trained=True, task="embed",

@@ -255,6 +255,33 @@ RECIPES: dict[str, Recipe] = {
         "attn_config": {"kv_n_heads": 2, "clip_qkv": 1.5, "rope_theta": 10000.0},
         "ffn_config": {"ffn_hidden_size": 96, "moe_num_experts": 4, "moe_top_k": 2},
     }, seed=232, omit=_NOT_LLAMA + ("hidden_size", "num_attention_heads", "max_position_embeddings")),
+    # Multi-head latent attention (q through its low-rank bottleneck, v_head_dim 12 below the 24 of
+    # q/k heads), yarn rope on 8 of each head's features with the softmax scale's mscale, 8 experts
+    # in 4 groups of which the best 2 are routable, top-3 (so the group limit can bind), 2 shared experts.
+    "tiny-deepseek-v2": Recipe("DeepseekV2Config", {
+        "num_hidden_layers": 2, "tie_word_embeddings": False, "num_key_value_heads": 4,
+        "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 12,
+        "n_routed_experts": 8, "num_experts_per_tok": 3, "n_group": 4, "topk_group": 2,
+        "topk_method": "group_limited_greedy", "n_shared_experts": 2, "moe_intermediate_size": 32,
+        "routed_scaling_factor": 1.5,
+        "rope_parameters": {
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 512,
+            "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707,
+        },
+    }, seed=33),
+    # The same attention with interleaved rope pairs de-interleaved, a dense first layer, sigmoid
+    # routing steered by a score correction bias (drawn, not zero), renormalised and scaled weights.
+    "tiny-deepseek-v3": Recipe("DeepseekV3Config", {
+        "num_hidden_layers": 3, "tie_word_embeddings": False, "num_key_value_heads": 4,
+        "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 12,
+        "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2, "norm_topk_prob": True,
+        "n_shared_experts": 1, "moe_intermediate_size": 32, "routed_scaling_factor": 2.5,
+        "first_k_dense_replace": 1, "rope_interleave": True,
+        "rope_parameters": {
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 256,
+            "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8,
+        },
+    }, seed=34),
 }
 
 
@@ -312,6 +339,11 @@ def _reinitialise(model: torch.nn.Module, generator: torch.Generator, scales: Ma
             draw = _draw(name, param.shape, generator)
             scale = next((factor for suffix, factor in scales.items() if name.endswith(suffix)), None)
             param.copy_(draw if scale is None else scale * draw)
+        # Learned constants kept as buffers (DeepSeek-V3's router score correction bias): drawn too,
+        # or a model ignoring them would pass.
+        for name, buffer in sorted(model.named_buffers()):
+            if name.endswith(_LEARNED_BUFFERS):
+                buffer.copy_(_draw(name, buffer.shape, generator))
 
 
 # Parameter names per role across the families' Transformers classes (the Llama-style names first,
@@ -328,6 +360,9 @@ _BRANCH_OUTPUTS = (
 )
 
 
+_LEARNED_BUFFERS = ("e_score_correction_bias",)
+
+
 def is_norm_weight(name: str) -> bool:
     return _NORM_WEIGHT.search(name) is not None
 
@@ -336,7 +371,7 @@ def _draw(name: str, shape: torch.Size, generator: torch.Generator) -> torch.Ten
     """Weights far from HF's tiny init: logits spread wide, and every norm weight differs from 1."""
     if is_norm_weight(name):
         return 0.75 + 0.5 * torch.rand(shape, generator=generator)
-    if name.endswith(".bias"):
+    if name.endswith((".bias",) + _LEARNED_BUFFERS):
         return 0.2 * torch.randn(shape, generator=generator)
     if name.endswith(_EMBEDDINGS):
         # Unit scale against an RMS-normed hidden state gives logits with std ~ sqrt(hidden_size).

@@ -600,7 +600,12 @@ def _last_error(log: Path) -> str:
 
 def _missing_records(models: list[str], tiers: list[str], records: list[ResultRecord], outcome: PytestOutcome,
                      global_timeout: float | None) -> list[ResultRecord]:
-    """An `error` record for every (model, tier) with no record: pytest died, hung or skipped it."""
+    """An `error` record for every (model, tier) with no record when pytest died, hung or stopped
+    early. A run that ended with every test run (exit 0, or 1: some failed) recorded all there is:
+    a tier without a check for a model (the community tier, for a model nobody has reported on)
+    stays untested."""
+    if outcome.returncode in (0, 1):
+        return []
     have = {(r.model, r.tier) for r in records}
     known = {r.model: (r.architecture, r.task) for r in records}
     reason = outcome.missing_reason(global_timeout)

@@ -418,6 +418,17 @@ def test_run_records_errors_for_models_pytest_left_without_records(stub, tmp_pat
     assert (reports / "supported_models.md").read_text() == (run_dir / "supported_models.md").read_text()
 
 
+def test_completed_run_leaves_a_tier_without_records_untested(stub):
+    # Exit 1: a test failed, the rest ran; tiny-qwen2 simply has no check recorded in any tier.
+    options = stub({"outcomes": {"tiny-llama": "fail"}, "architectures": {"tiny-llama": "LlamaForCausalLM"},
+                    "exit": 1}, models=["tiny-llama", "tiny-qwen2"])
+    run_dir = run_matrix(options)
+    assert {r.model for r in read_records(run_dir / "results.jsonl")} == {"tiny-llama"}
+    matrix = load_matrix(run_dir)
+    assert row(matrix, "LlamaForCausalLM").tiers["smoke"].status == "fail"
+    assert row(matrix, "Qwen2ForCausalLM").tiers["smoke"].status == "untested"
+
+
 def test_run_over_its_global_timeout_is_killed_and_still_yields_a_matrix(stub):
     # The stub imports torch and transformers before it records anything: allow for a loaded machine.
     options = stub({"outcomes": {"tiny-llama": "pass"}, "sleep": 120},

@@ -227,7 +227,8 @@ class AsyncLLMEngine:
                     self._apply(command)
                 if self.engine.has_unfinished_requests():
                     self._step()
-                self._stats = self._snapshot(alive=True)
+                else:
+                    self._stats = self._snapshot(alive=True)
         except BaseException as exc:  # noqa: BLE001 - any crash must reach every waiting caller
             logger.exception("engine thread crashed")
             self._error = exc
@@ -288,6 +289,9 @@ class AsyncLLMEngine:
                 del self._sinks[output.request_id]
                 self._counters.finished += 1
             deliveries.append((sink, output.request_id, output))
+        # Published before the answers go out: a client holding its answer must not read stats
+        # from before its request (it would see the engine idle with the request uncounted).
+        self._stats = self._snapshot(alive=True)
         self._deliver(deliveries)
 
     def _count_generated(self, output: RequestOutput) -> None:

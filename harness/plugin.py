@@ -51,6 +51,9 @@ EXAMPLE_PROMPTS = [
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 REFERENCES = ("hf", "golden")
+# engine.models.registry.MODEL_IMPLS, restated: importing the engine here would load torch at
+# every pytest start (tests/test_plugin.py keeps the two equal).
+MODEL_IMPLS = ("auto", "native", "transformers")
 # The user property that carries a test's record notes from where it runs to the writer.
 _PROPERTY = "litmus_record"
 _NOTES = pytest.StashKey["RecordNotes"]()
@@ -90,6 +93,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="dtype of both the engine and the reference (auto: float32 on CPU)")
     group.addoption("--reference", choices=REFERENCES, default="hf",
                     help="strict tier reference: run Transformers (hf) or read golden/ files (golden)")
+    group.addoption("--model-impl", choices=MODEL_IMPLS, default="auto",
+                    help="the engine's implementation (LLM(model_impl=...)): auto (native where the engine "
+                    "has one, else the Transformers backend), native or transformers")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -346,11 +352,11 @@ def hf_runner(dtype: str) -> type[HfRunner]:
 
 
 @pytest.fixture(scope="session")
-def engine_runner(dtype: str) -> type[EngineRunner]:
-    """EngineRunner with --dtype as its default dtype."""
+def engine_runner(dtype: str, pytestconfig: pytest.Config) -> type[EngineRunner]:
+    """EngineRunner with --dtype and --model-impl as its defaults."""
     from harness.runners import EngineRunner
 
-    return functools.partial(EngineRunner, dtype=dtype)
+    return functools.partial(EngineRunner, dtype=dtype, model_impl=pytestconfig.getoption("--model-impl"))
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from engine.models.registry import MODEL_IMPLS
+from harness.plugin import MODEL_IMPLS as PLUGIN_MODEL_IMPLS
 from harness.plugin import check_name
 from harness.results import read_records
 
@@ -106,7 +108,8 @@ def test_every_outcome_becomes_one_record(suite: pytest.Pytester) -> None:
     failed = get("test_fails")
     assert failed.outcome == "fail" and "tokens differ at position 3" in failed.reason
     assert (get("test_skips").outcome, get("test_skips").reason) == ("skip", "needs a GPU")
-    assert (get("test_skips_silently").outcome, get("test_skips_silently").reason) == ("error", "skipped without a reason")
+    silent = get("test_skips_silently")
+    assert (silent.outcome, silent.reason) == ("error", "skipped without a reason")
     setup = get("test_setup_errors")
     assert setup.outcome == "error" and setup.reason.startswith("setup: ") and "could not load weights" in setup.reason
     teardown = get("test_teardown_errors")
@@ -218,3 +221,7 @@ def test_models_file_comments_and_blanks(tmp_path: Path) -> None:
     path = tmp_path / "models.txt"
     path.write_text("a\n  # b\nc # d\n\n")
     assert read_models_file(path) == ["a", "c"]
+
+
+def test_model_impl_choices_are_the_engines() -> None:
+    assert PLUGIN_MODEL_IMPLS == MODEL_IMPLS

@@ -154,3 +154,12 @@ def test_check_passes_on_a_fresh_table_and_fails_with_a_diff_after_an_edit(repor
 def test_check_fails_when_there_is_no_committed_table(reports, capsys):
     assert run_docs(["--reports-dir", str(reports), "--check"]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_committed_table_is_what_the_committed_matrix_renders():
+    """The stale-table gate in the default run: a change to the renderer, the registry or the
+    latest matrix run needs `litmus docs` re-run and its table committed."""
+    reports = Path(__file__).resolve().parents[1] / "reports"
+    if not (reports / "latest").exists():
+        pytest.skip("no matrix run is committed (reports/latest): nothing to check the table against")
+    assert run_docs(["--reports-dir", str(reports), "--check"]) == 0

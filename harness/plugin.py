@@ -371,17 +371,12 @@ def one_torch_thread() -> Any:
 
 
 @pytest.fixture(scope="module")
-def tier_torch_threads() -> Any:
-    """A tier module's torch threads: one under xdist, where the workers share the cores (see
-    one_torch_thread); torch's own choice in a run alone, where a trained model's matmuls use
-    every core (SmolLM2's strict tier ~1.5x faster in wall time on 2 cores)."""
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        yield
-        return
-    from harness.runners import torch_threads
-
-    with torch_threads(1):
-        yield
+def tier_torch_threads(request: pytest.FixtureRequest) -> None:
+    """A tier module's torch threads: one_torch_thread under xdist, where the workers share the
+    cores; torch's own choice in a run alone, where a trained model's matmuls use every core
+    (SmolLM2's strict tier ~1.5x faster in wall time on 2 cores)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        request.getfixturevalue("one_torch_thread")
 
 
 @pytest.fixture(scope="session")

@@ -205,9 +205,8 @@ class LLMEngine:
 
     def _append_prompt_logprobs(self, chunk: PromptLogprobsChunk) -> None:
         seq = chunk.seq
-        targets = seq.prompt_token_ids[chunk.first_position:chunk.first_position + len(chunk.chosen)]
-        for token, stats in zip(targets, zip(chunk.chosen, chunk.ranks, chunk.top_ids, chunk.top_logprobs)):
-            seq.prompt_logprobs.append(self._logprob_dict(token, stats))
+        targets = seq.prompt_token_ids[chunk.first_position:chunk.first_position + len(chunk.stats)]
+        seq.prompt_logprobs.extend(self._logprob_dict(token, stats) for token, stats in zip(targets, chunk.stats))
 
     def _check_stop(self, seq: Sequence, new_text: str) -> None:
         p = seq.params

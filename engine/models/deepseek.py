@@ -100,13 +100,10 @@ class DeepseekAttention(nn.Module):
 
 def deepseek_moe(config: PretrainedConfig, arch: str) -> FusedMoE:
     v3 = arch == "DeepseekV3ForCausalLM"
-    if v3:
-        grouped_routing = True
-    elif config.topk_method in V2_TOPK_METHODS:
-        grouped_routing = config.topk_method == "group_limited_greedy"
-    else:
+    if not v3 and config.topk_method not in V2_TOPK_METHODS:
         raise NotImplementedError(f"DeepSeek-V2 topk_method={config.topk_method!r} is not supported by the engine "
                                   f"(only {', '.join(V2_TOPK_METHODS)})")
+    grouped_routing = v3 or config.topk_method == "group_limited_greedy"
     grouped = GroupedTopK(
         num_groups=config.n_group if grouped_routing else 1,
         topk_groups=config.topk_group if grouped_routing else 1,
@@ -121,17 +118,14 @@ def deepseek_moe(config: PretrainedConfig, arch: str) -> FusedMoE:
 
 
 class DeepseekDecoderLayer(LlamaDecoderLayer):
-    """Llama's pre-norm layer (its forward) around MLA and, past the first dense layers, the MoE."""
+    """Llama's pre-norm layer around MLA and, past the first dense layers, the MoE."""
 
-    def __init__(self, config: PretrainedConfig, layer_idx: int, arch: str):
-        nn.Module.__init__(self)
-        self.self_attn = DeepseekAttention(config, arch)
+    def make_attention(self, config: PretrainedConfig, layer_idx: int, arch: str) -> nn.Module:
+        return DeepseekAttention(config, arch)
+
+    def make_mlp(self, config: PretrainedConfig, layer_idx: int, arch: str) -> nn.Module:
         dense = layer_idx < (config.first_k_dense_replace or 0)
-        self.mlp = LlamaMLP(config, arch) if dense else deepseek_moe(config, arch)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_norms = False
-        self.residual_multiplier = 1.0
+        return LlamaMLP(config, arch) if dense else deepseek_moe(config, arch)
 
 
 class DeepseekModel(LlamaModel):

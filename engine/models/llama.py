@@ -176,8 +176,8 @@ def moe_mlp(config: PretrainedConfig, arch: str) -> FusedMoE:
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: PretrainedConfig, layer_idx: int, arch: str):
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx, arch)
-        self.mlp = moe_mlp(config, arch) if is_moe_layer(config, layer_idx, arch) else LlamaMLP(config, arch)
+        self.self_attn = self.make_attention(config, layer_idx, arch)
+        self.mlp = self.make_mlp(config, layer_idx, arch)
         norm = norm_factory(config, arch)
         self.post_norms = arch == "Olmo2ForCausalLM"
         if self.post_norms:
@@ -186,6 +186,13 @@ class LlamaDecoderLayer(nn.Module):
             self.input_layernorm = norm(config.hidden_size)
         self.post_attention_layernorm = norm(config.hidden_size)
         self.residual_multiplier = float(getattr(config, "residual_multiplier", 1.0))
+
+    # A family with Llama's residual stream and norms but its own attention or MLP (DeepSeek) overrides these.
+    def make_attention(self, config: PretrainedConfig, layer_idx: int, arch: str) -> nn.Module:
+        return LlamaAttention(config, layer_idx, arch)
+
+    def make_mlp(self, config: PretrainedConfig, layer_idx: int, arch: str) -> nn.Module:
+        return moe_mlp(config, arch) if is_moe_layer(config, layer_idx, arch) else LlamaMLP(config, arch)
 
     def forward(self, positions, x, residual, meta):
         if self.post_norms:

@@ -27,12 +27,9 @@ PROMPT_LOGPROB_ROWS = 256
 @dataclass
 class PromptLogprobsChunk:
     seq: Sequence
-    first_position: int  # prompt index of the first token these rows score
-    # Per scored token (sampler.compute_logprobs_info): its logprob, its rank, the top-k ids and logprobs.
-    chosen: list[float]
-    ranks: list[int]
-    top_ids: list[list[int]]
-    top_logprobs: list[list[float]]
+    first_position: int  # prompt index of the first token scored
+    # Per scored token (sampler.compute_logprobs_info): (its logprob, its rank, top-k ids, top-k logprobs).
+    stats: list[tuple[float, int, list[int], list[float]]]
 
 
 @dataclass
@@ -100,14 +97,13 @@ class ModelRunner:
     def _score_prompt(self, hidden: torch.Tensor, seq: Sequence, first: int, rows: list[int]) -> PromptLogprobsChunk:
         """The logprob stats of prompt tokens first.. predicted by the given hidden rows."""
         targets = torch.tensor(seq.prompt_token_ids[first:first + len(rows)])
-        chunk = PromptLogprobsChunk(seq, first, [], [], [], [])
+        stats = []
         for start in range(0, len(rows), PROMPT_LOGPROB_ROWS):
             part = slice(start, start + PROMPT_LOGPROB_ROWS)
             logits = self.model.compute_logits(hidden[torch.tensor(rows[part], dtype=torch.long)])
-            stats = compute_logprobs_info(torch.log_softmax(logits, dim=-1), targets[part], seq.params.prompt_logprobs)
-            for collected, more in zip((chunk.chosen, chunk.ranks, chunk.top_ids, chunk.top_logprobs), stats):
-                collected.extend(more)
-        return chunk
+            lp = torch.log_softmax(logits, dim=-1)
+            stats += zip(*compute_logprobs_info(lp, targets[part], seq.params.prompt_logprobs))
+        return PromptLogprobsChunk(seq, first, stats)
 
     @torch.inference_mode()
     def execute_pooling(self, scheduled: list[ScheduledSeq]) -> list[torch.Tensor]:

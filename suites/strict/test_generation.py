@@ -39,7 +39,7 @@ BATCH_SIZES = [1, 3, None]
 BATCH_IDS = ["batch1", "batch3", "batch_all"]
 
 
-# Module scope throughout: each model is loaded once per side for every test here.
+# Once per model for every test here; the engine and its generations are shared by all strict modules (conftest.py).
 @pytest.fixture(scope="module")
 def reference_outputs(
     request: pytest.FixtureRequest, reference: str, model: str, model_path: str, example_prompts: list[str],

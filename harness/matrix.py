@@ -75,6 +75,8 @@ class Row:
     subsection: str
     display_name: str | None
     implemented: bool
+    # The engine implementations its records ran ("native", "transformers").
+    model_impls: list[str] = field(default_factory=list)
 
     @property
     def key(self) -> tuple[str, str, str, str]:
@@ -266,6 +268,7 @@ def _row_for_record(record: ResultRecord, rows: dict[tuple, Row]) -> Row:
 
 def _fill(row: Row, records: list[ResultRecord]) -> None:
     row.models = sorted({r.model for r in records})
+    row.model_impls = sorted({r.model_impl for r in records if r.model_impl})
     for tier in TIERS:
         in_tier = [r for r in records if r.tier == tier]
         status, reason = aggregate(in_tier)
@@ -719,7 +722,7 @@ def register_matrix_cli(subparsers: argparse._SubParsersAction) -> None:
     chosen.add_argument("--models-file", type=Path, metavar="FILE", help="models, one a line ('#' comments)")
     parser.add_argument("--tiers", type=_tier_list, default=list(TIERS), metavar="T1,T2",
                         help=f"tiers to run (default: {','.join(TIERS)}; tiers without a suite stay untested)")
-    parser.add_argument("-n", "--workers", default="1", type=_workers,
+    parser.add_argument("-n", "--workers", default="1", type=workers_arg,
                         help="pytest-xdist workers: a number, 'auto' or 'logical' (default 1)")
     parser.add_argument("--shard", type=Shard.parse, metavar="i/n",
                         help="run only model k of the sorted list with k mod n == i (0-based)")
@@ -752,7 +755,7 @@ def _tier_list(text: str) -> list[str]:
     return tiers
 
 
-def _workers(text: str) -> str:
+def workers_arg(text: str) -> str:
     if text in ("auto", "logical") or text.isdigit():
         return text
     raise argparse.ArgumentTypeError(f"workers must be a number, 'auto' or 'logical', not {text!r}")

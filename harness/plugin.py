@@ -70,6 +70,7 @@ class RecordNotes:
     architecture: str | None = None
     task: str | None = None
     dtype: str = "float32"
+    model_impl: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
@@ -108,7 +109,8 @@ def pytest_configure(config: pytest.Config) -> None:
     holder.model = pytest.fixture(scope="session", params=models, ids=models, name="model")(_param)
     config.pluginmanager.register(holder, "litmus-models")
     if not hasattr(config, "workerinput"):
-        config.pluginmanager.register(RecordWriter(results_dir(config), models), "litmus-records")
+        writer = RecordWriter(results_dir(config), models, config.getoption("--model-impl"))
+        config.pluginmanager.register(writer, "litmus-records")
 
 
 def selected_models(config: pytest.Config) -> list[str]:
@@ -181,14 +183,30 @@ def _notes(item: pytest.Item) -> RecordNotes | None:
         model = _model_param(item)
         callspec = getattr(item, "callspec", None)
         name = check_name(item.path.stem, item.originalname, callspec and callspec.id, model)
-        item.stash[_NOTES] = _new_notes(tier, name, model, resolved_dtype(item.config))
+        item.stash[_NOTES] = _new_notes(tier, name, model, resolved_dtype(item.config),
+                                        item.config.getoption("--model-impl"))
     return item.stash[_NOTES]
 
 
-def _new_notes(tier: str, check: str, model: str | None, dtype: str = "float32") -> RecordNotes:
+def _new_notes(tier: str, check: str, model: str | None, dtype: str = "float32",
+               model_impl: str = "auto") -> RecordNotes:
     info = _describe(model) if model is not None else None
-    return RecordNotes(tier=tier, check=check, model=model or "-", architecture=info.architecture if info else None,
-                       task=info.task if info else None, dtype=dtype)
+    architecture = info.architecture if info else None
+    return RecordNotes(tier=tier, check=check, model=model or "-", architecture=architecture,
+                       task=info.task if info else None, dtype=dtype,
+                       model_impl=_engine_impl(tier, architecture, model_impl))
+
+
+def _engine_impl(tier: str, architecture: str | None, model_impl: str) -> str:
+    """What LLM(model_impl=...) will run the architecture with, as the record states it."""
+    from engine.models.registry import UnsupportedArchitectureError, resolve_model_impl
+
+    if tier == "community" or architecture is None:
+        return ""
+    try:
+        return resolve_model_impl([architecture], model_impl)
+    except UnsupportedArchitectureError:
+        return ""
 
 
 def check_name(module: str, function: str, param_id: str | None, model: str | None) -> str:
@@ -224,9 +242,10 @@ class RecordWriter:
     """Turns the phase reports of each tier test into its one record (runs where records are
     written: the xdist controller, or the only process)."""
 
-    def __init__(self, directory: Path, models: list[str]) -> None:
+    def __init__(self, directory: Path, models: list[str], model_impl: str = "auto") -> None:
         self.path = directory / RECORDS_FILE
         self.models = models
+        self.model_impl = model_impl
         self.pending: dict[str, dict[str, Any]] = {}
         self.written = 0
 
@@ -259,7 +278,8 @@ class RecordWriter:
         append_record(self.path, ResultRecord(
             model=notes["model"], architecture=notes["architecture"], task=notes["task"], tier=notes["tier"],
             check=notes["check"], outcome=outcome, reason=reason, metrics=notes["metrics"],
-            dtype=notes["dtype"], duration_s=round(state["duration"], 3), nodeid=nodeid,
+            dtype=notes["dtype"], model_impl=notes["model_impl"], duration_s=round(state["duration"], 3),
+            nodeid=nodeid,
         ))
         self.written += 1
 
@@ -272,7 +292,8 @@ class RecordWriter:
             return None
         function, _, params = name.partition("[")
         model = max((m for m in self.models if m in params), key=len, default=None)
-        return asdict(_new_notes(tier, check_name(Path(path).stem, function, params.rstrip("]"), model), model))
+        check = check_name(Path(path).stem, function, params.rstrip("]"), model)
+        return asdict(_new_notes(tier, check, model, model_impl=self.model_impl))
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self.written:

@@ -64,6 +64,9 @@ class ResultRecord:
     reason: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     dtype: str = "float32"
+    # The implementation the engine ran the model with ("native" or "transformers"); empty where
+    # the check runs no engine (community) or the engine could not run the architecture at all.
+    model_impl: str = ""
     duration_s: float = 0.0
     nodeid: str = ""
     engine_version: str = ""

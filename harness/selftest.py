@@ -38,7 +38,9 @@ from typing import Any
 import torch
 
 from harness.faults import CATALOGUE, Fault, inject, planted_modules, site_of
+from harness.matrix import workers_arg
 from harness.results import RECORDS_FILE, ResultRecord, append_record, read_records
+from harness.zoo import list_specs
 
 # The zoo models the strict tier passes, covering every fault the engine can host: GQA, biases
 # (Qwen2), q/k norm (Qwen3), a sliding window (Mistral, Gemma 2), tied embeddings, GELU and the
@@ -436,10 +438,10 @@ class FlakyRun:
 
 
 def run_repeats(models: Sequence[str], repeat: int, out_dir: Path, timeout_s: float, select: str | None = None,
-                progress: Callable[[str], None] = lambda line: None) -> FlakyRun:
+                workers: str = "0", progress: Callable[[str], None] = lambda line: None) -> FlakyRun:
     """Runs `pytest suites/strict` over the models `repeat` times (only tests matching `select`, a
-    -k expression, if given), each into its own results dir, and compares every record's outcome
-    across the runs; writes out_dir/flaky.md."""
+    -k expression, if given; over `workers` xdist workers, each model on one), each into its own
+    results dir, and compares every record's outcome across the runs; writes out_dir/flaky.md."""
     per_run: list[list[ResultRecord]] = []
     start = time.perf_counter()
     for i in range(1, repeat + 1):
@@ -449,6 +451,8 @@ def run_repeats(models: Sequence[str], repeat: int, out_dir: Path, timeout_s: fl
                    "-p", "no:cacheprovider", "--results-dir", str(run_dir), *(f"--model={m}" for m in models)]
         if select:
             command += ["-k", select]
+        if workers != "0":
+            command += ["-n", workers, "--dist", "loadgroup"]
         started = time.perf_counter()
         subprocess.run(command, cwd=ROOT, timeout=timeout_s, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         file = run_dir / RECORDS_FILE
@@ -511,8 +515,10 @@ def register_selftest_cli(commands) -> None:
     parser = commands.add_parser(
         "selftest", help="plant known model bugs in correct zoo models and report which tiers catch them "
         "(--repeat N: run the strict suite N times and report flaky verdicts instead)")
-    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), metavar="NAME",
+    chosen = parser.add_mutually_exclusive_group()
+    chosen.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), metavar="NAME",
                         help=f"zoo models or paths (space or comma separated; default: {', '.join(DEFAULT_MODELS)})")
+    chosen.add_argument("--zoo", action="store_true", help="every zoo model")
     parser.add_argument("--tiers", default=",".join(TIERS), help=f"comma-separated subset of {', '.join(TIERS)}")
     parser.add_argument("--faults", default=",".join(CATALOGUE),
                         help="comma-separated faults of the catalogue (default: all)")
@@ -523,6 +529,8 @@ def register_selftest_cli(commands) -> None:
     parser.add_argument("--repeat", type=int, metavar="N",
                         help="false-alarm check: run the strict suite N times over the models, report flaky verdicts")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per strict-suite run with --repeat")
+    parser.add_argument("-n", "--workers", default="0", type=workers_arg,
+                        help="with --repeat: pytest-xdist workers per run (default 0: no xdist)")
     parser.add_argument("-k", dest="select", metavar="EXPR", help="with --repeat: only strict tests matching this "
                         "pytest -k expression")
     parser.set_defaults(run=_run_cli)
@@ -531,7 +539,8 @@ def register_selftest_cli(commands) -> None:
 def _run_cli(args: argparse.Namespace) -> int:
     from harness.cli import CommandError
 
-    models, tiers, faults = _csv(args.models), _csv([args.tiers]), _csv([args.faults])
+    models = [spec.name for spec in list_specs()] if args.zoo else _csv(args.models)
+    tiers, faults = _csv([args.tiers]), _csv([args.faults])
     unknown = [t for t in tiers if t not in TIERS] + [f for f in faults if f not in CATALOGUE]
     if unknown:
         raise CommandError(f"unknown tiers/faults {unknown}; tiers: {', '.join(TIERS)}; faults: {', '.join(CATALOGUE)}")
@@ -540,7 +549,7 @@ def _run_cli(args: argparse.Namespace) -> int:
     if args.repeat is not None:
         if args.repeat < 2:
             raise CommandError(f"--repeat {args.repeat}: comparing runs needs at least 2")
-        flaky = run_repeats(models, args.repeat, args.out, args.timeout, args.select, progress=print)
+        flaky = run_repeats(models, args.repeat, args.out, args.timeout, args.select, args.workers, progress=print)
         print(render_flaky(flaky))
         return 1 if flaky.flaky else 0
     torch.set_num_threads(args.threads)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.docs import MARKS, build_document, register_docs_cli, render
+from harness.docs import BACKEND_MARK, MARKS, build_document, register_docs_cli, render
 from harness.matrix import Matrix, RunInfo, build_matrix, write_matrix_json
 from harness.results import ResultRecord
 
@@ -69,6 +69,22 @@ def test_status_marks_and_deduplicated_numbered_footnotes(matrix):
     assert bert.endswith("| — | ⚠️[^2] | — | — |")
     notes = re.findall(r"^\[\^(\d+)\]: (.*)$", text, flags=re.M)
     assert notes == [("1", "untrained synthetic weights"), ("2", "needs remote code")]
+
+
+def test_rows_run_only_through_the_transformers_backend_are_marked():
+    records = [
+        ResultRecord(model="tiny-arcee", architecture="ArceeForCausalLM", task="generate", tier="strict", check="c",
+                     outcome="pass", model_impl="transformers"),
+        *(ResultRecord(model="tiny-llama", architecture="LlamaForCausalLM", task="generate", tier="strict",
+                       check=check, outcome="pass", model_impl=impl)
+          for check, impl in (("c", "native"), ("d", "transformers"))),
+    ]
+    matrix = matrix_of(records)
+    rows = markdown_rows(render(matrix, "markdown"))
+    assert sum(r.startswith(f"| `ArceeForCausalLM`{BACKEND_MARK} |") for r in rows) == 1
+    # Checked natively too: not marked.
+    assert sum(r.startswith("| `LlamaForCausalLM` |") for r in rows) == 3
+    assert f"<code>ArceeForCausalLM</code>{BACKEND_MARK}</td>" in render(matrix, "html")
 
 
 def test_html_footnotes_link_to_the_reason(matrix):

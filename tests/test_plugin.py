@@ -122,6 +122,21 @@ def test_every_outcome_becomes_one_record(suite: pytest.Pytester) -> None:
     assert "litmus: 10 result records appended" in result.stdout.str()
 
 
+def test_records_name_the_engine_implementation(suite: pytest.Pytester) -> None:
+    def impls(*args: str) -> dict[str, str]:
+        out = suite.path / "out"
+        _run(suite, "--model", "tiny-llama", "--model", "tiny-arcee", "-k", "test_passes", *args)
+        records = read_records(out)
+        (out / "results.jsonl").unlink()
+        return {r.model: r.model_impl for r in records}
+
+    # auto: native where the engine has the architecture, else the Transformers backend.
+    assert impls() == {"tiny-llama": "native", "tiny-arcee": "transformers"}
+    assert impls("--model-impl", "transformers") == {"tiny-llama": "transformers", "tiny-arcee": "transformers"}
+    # model_impl="native" cannot run tiny-arcee at all: the record claims no implementation.
+    assert impls("--model-impl", "native") == {"tiny-llama": "native", "tiny-arcee": ""}
+
+
 def test_xdist_controller_writes_each_record_once(suite: pytest.Pytester) -> None:
     result = _run(suite, "--model", "tiny-llama", "--model", "tiny-qwen2", "-n", "2", "--dist", "loadgroup",
                   subprocess=True)

@@ -185,6 +185,17 @@ def test_foreign_architecture_matches_transformers(foreign_model: Path) -> None:
     assert_same_greedy(squeezed, auto)
 
 
+@pytest.mark.parametrize("name", ["tiny-minicpm3", "tiny-deepseek-v2"])
+def test_values_narrower_than_queries_and_keys(name: str) -> None:
+    """Latent attention (v_head_dim 12 < 24): V is cached zero-padded and the output cut back."""
+    path = zoo.model_path(name)
+    got, llm = run_engine(path, model_impl="transformers", max_model_len=256)
+    attention = next(m for m in llm.apply_model(lambda m: list(m.modules()))[0] if hasattr(m, "v_head_dim")
+                     and hasattr(m, "attention"))
+    assert (attention.v_head_dim, attention.attention.head_dim) == (12, 24)
+    assert_same_greedy(got, run_hf(path))
+
+
 # --- model_impl errors -----------------------------------------------------------------------
 
 def test_unknown_model_impl_is_rejected() -> None:
@@ -218,6 +229,14 @@ def test_state_space_model_is_named(tmp_path: Path) -> None:
     mamba = transformers.MambaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1).to_dict()
     path = _config_only_model(tmp_path, {**mamba, "architectures": ["MambaForCausalLM"]})
     with pytest.raises(UnsupportedArchitectureError, match=r"no attention layers \(a state-space model\)"):
+        LLM(path, tokenizer=str(zoo.model_path("tiny-llama")), max_model_len=64)
+
+
+def test_hybrid_state_space_model_is_named(tmp_path: Path) -> None:
+    jamba = transformers.JambaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, attn_layer_period=2,
+                                     attn_layer_offset=1).to_dict()
+    path = _config_only_model(tmp_path, {**jamba, "architectures": ["JambaForCausalLM"]})
+    with pytest.raises(UnsupportedArchitectureError, match=r"JambaForCausalLM: it has layer types .*linear_attention"):
         LLM(path, tokenizer=str(zoo.model_path("tiny-llama")), max_model_len=64)
 
 

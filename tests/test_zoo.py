@@ -21,6 +21,11 @@ SYNTHETIC = LLAMA_FAMILY + [
     "tiny-mpt", "tiny-mixtral", "tiny-qwen2-moe", "tiny-olmoe", "tiny-phimoe", "tiny-granitemoe",
     "tiny-dbrx", "tiny-deepseek-v2", "tiny-deepseek-v3",
 ]
+# Architectures without native code, which run through the Transformers backend.
+BACKEND = [
+    "tiny-minicpm3", "tiny-arcee", "tiny-smollm3", "tiny-helium", "tiny-olmo3", "tiny-glm4", "tiny-qwen3-moe",
+    "tiny-exaone4", "tiny-seed-oss", "tiny-ernie4_5",
+]
 REAL = ["smollm2-135m-instruct", "gemma3-270m"]
 POOLING = [
     "all-minilm-l6-v2", "tiny-bert", "tiny-roberta", "tiny-xlm-roberta", "tiny-bert-cross-encoder",
@@ -40,7 +45,7 @@ def _needs_smollm2() -> None:
 
 def test_specs() -> None:
     names = [spec.name for spec in zoo.list_specs()]
-    assert names == [*REAL, *SYNTHETIC, *POOLING]
+    assert names == [*REAL, *SYNTHETIC, *BACKEND, *POOLING]
     assert zoo.DEFAULT_MODEL in names
     spec = zoo.get_spec("tiny-qwen3")
     assert (spec.architecture, spec.kind, spec.trained) == ("Qwen3ForCausalLM", "synthetic", False)
@@ -51,7 +56,7 @@ def test_specs() -> None:
 def test_unknown_name_lists_known_ones() -> None:
     with pytest.raises(KeyError) as info:
         zoo.get_spec("tiny-gpt5")
-    assert str(info.value) == f"unknown zoo model 'tiny-gpt5'; known: {', '.join(REAL + SYNTHETIC + POOLING)}"
+    assert str(info.value) == f"unknown zoo model 'tiny-gpt5'; known: {', '.join(REAL + SYNTHETIC + BACKEND + POOLING)}"
 
 
 def test_resolve_passes_non_zoo_strings_through() -> None:
@@ -159,7 +164,7 @@ def _load(name: str):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
 
 
-@pytest.mark.parametrize("name", SYNTHETIC)
+@pytest.mark.parametrize("name", SYNTHETIC + BACKEND)
 def test_synthetic_model_is_decisive_and_uses_context(name: str) -> None:
     model, tokenizer = _load(name)
     assert type(model).__name__ == zoo.get_spec(name).architecture
@@ -178,6 +183,14 @@ def test_synthetic_model_is_decisive_and_uses_context(name: str) -> None:
     # OLMo's LayerNorms have no parameters at all.
     assert norms or name == "tiny-olmo"
     assert not any(torch.all(p == 1) for p in norms)
+
+
+def test_backend_models_have_no_native_implementation() -> None:
+    # Else model_impl="auto" would run them natively, and the backend would go unchecked.
+    from engine.models.registry import resolve_model_impl
+
+    for name in BACKEND:
+        assert resolve_model_impl([zoo.get_spec(name).architecture], "auto") == "transformers", name
 
 
 def test_synthetic_configs_cover_the_features() -> None:

@@ -82,13 +82,13 @@ class TransformersForCausalLM(nn.Module):
             raise UnsupportedArchitectureError(
                 f"the Transformers backend cannot run {name}: its forward never calls the attention interface"
             )
-        for module, attention in probe.layers.items():
-            module.engine_attention = attention
+        for module, bound in probe.layers.items():
+            module.engine_attention = bound
 
 
 @dataclass
 class _Probe:
-    layers: dict[nn.Module, Attention] = field(default_factory=dict)
+    layers: dict[nn.Module, _BoundAttention] = field(default_factory=dict)
 
     def record(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scaling: float | None, kwargs: dict[str, Any]) -> None:
@@ -99,27 +99,49 @@ class _Probe:
                 f"the Transformers backend cannot run a model whose attention module {name} runs more than once "
                 f"per forward (shared attention layers)"
             )
-        problem = _attention_problem(module, query, value, kwargs)
+        problem = _attention_problem(module, kwargs)
         if problem:
             raise UnsupportedArchitectureError(
                 f"the Transformers backend cannot run attention module {name}: {problem}"
             )
-        head_dim = query.shape[-1]
-        self.layers[module] = Attention(
-            num_heads=query.shape[1], head_dim=head_dim,
-            scale=scaling if scaling is not None else head_dim ** -0.5,
-            num_kv_heads=key.shape[1], sliding_window=kwargs.get("sliding_window"),
-            logits_soft_cap=kwargs.get("softcap"),
+        # Values narrower or wider than queries and keys (MiniCPM3's and DeepSeek's latent
+        # attention) are cached and attended at the wider of the two head dims, zero-padded: the
+        # padding adds nothing to a score or to an output feature that is kept.
+        self.layers[module] = _BoundAttention(
+            Attention(
+                num_heads=query.shape[1], head_dim=max(query.shape[-1], value.shape[-1]),
+                scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
+                num_kv_heads=key.shape[1], sliding_window=kwargs.get("sliding_window"),
+                logits_soft_cap=kwargs.get("softcap"),
+            ),
+            v_head_dim=value.shape[-1],
         )
 
 
-def _attention_problem(module: nn.Module, query: torch.Tensor, value: torch.Tensor,
-                       kwargs: dict[str, Any]) -> str | None:
+class _BoundAttention(nn.Module):
+    """An engine Attention at the call's shapes: [1, H, n, Dqk] / [1, Hkv, n, Dv] in, [1, n, H, Dv] out."""
+
+    def __init__(self, attention: Attention, v_head_dim: int):
+        super().__init__()
+        self.attention = attention
+        self.v_head_dim = v_head_dim
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        attention, n = self.attention, query.shape[2]
+        out = attention(*(_flat(_pad_to(s, attention.head_dim)) for s in (query, key, value)), meta)
+        return out.view(1, n, attention.num_heads, attention.head_dim)[..., :self.v_head_dim]
+
+
+def _pad_to(states: torch.Tensor, head_dim: int) -> torch.Tensor:
+    extra = head_dim - states.shape[-1]
+    return torch.nn.functional.pad(states, (0, extra)) if extra else states
+
+
+def _attention_problem(module: nn.Module, kwargs: dict[str, Any]) -> str | None:
     """Why the engine's Attention would compute something else than this call asks for, if it would."""
     if kwargs.get("is_causal", getattr(module, "is_causal", True)) is False:
         return "it is not causal"
-    if value.shape[-1] != query.shape[-1]:
-        return "its values have a head_dim different from its queries and keys"
     unknown = sorted(k for k, v in kwargs.items()
                      if v is not None and k not in _IGNORED_KWARGS and k not in _HANDLED_KWARGS)
     if unknown:
@@ -131,23 +153,20 @@ def litmus_attention(
     module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0, **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Transformers' attention-function signature: q [1, H, n, D], k/v [1, Hkv, n, D] in,
-    [1, n, H, D] out. The mask is ignored: the engine's metadata says what each token sees.
+    """Transformers' attention-function signature: q/k [1, H(kv), n, D], v [1, Hkv, n, Dv] in,
+    [1, n, H, Dv] out. The mask is ignored: the engine's metadata says what each token sees.
     `dropout` is named only so that it is not taken for an unknown argument (it is 0 in eval)."""
     probe: _Probe | None = kwargs.get(_PROBE_KWARG)
     if probe is not None:
         probe.record(module, query, key, value, scaling, kwargs)
-        return query.new_zeros(query.shape).transpose(1, 2), None
+        return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
     meta: AttentionMetadata | None = kwargs.get(_META_KWARG)
     if meta is None:
         raise UnsupportedArchitectureError(
             f"the Transformers backend cannot run attention module {type(module).__name__}: the model does not "
             f"pass the forward's keyword arguments down to the attention interface"
         )
-    attention: Attention = module.engine_attention
-    n = query.shape[2]
-    out = attention(_flat(query), _flat(key), _flat(value), meta)
-    return out.view(1, n, attention.num_heads, attention.head_dim), None
+    return module.engine_attention(query, key, value, meta), None
 
 
 def _flat(states: torch.Tensor) -> torch.Tensor:
@@ -221,14 +240,16 @@ def _backend_problem(cls: type, hf_config: PretrainedConfig) -> str | None:
         return "it is not a Transformers generative model class"
     if getattr(hf_config, "is_encoder_decoder", False):
         return "it is an encoder-decoder model; the backend runs decoders"
+    # Other layer kinds (linear attention, Mamba, chunked attention) keep state or masks of
+    # their own that a flattened batch of several sequences would mix up. Checked first: it is
+    # the deeper reason where both apply (Jamba).
+    other = sorted(set(getattr(hf_config, "layer_types", None) or ()) - _ATTENTION_LAYER_TYPES)
+    if other:
+        return (f"it has layer types the backend does not support: {', '.join(other)} (per-sequence state or "
+                f"masks that the engine's paged KV cache and flattened batches have no place for)")
     if not cls.is_backend_compatible():
         return ("the class does not support custom attention backends (_supports_attention_backend is False), "
                 "so its attention cannot be routed to the engine's KV cache")
-    # Other layer kinds (linear attention, Mamba, chunked attention) keep state or masks of
-    # their own that a flattened batch of several sequences would mix up.
-    other = sorted(set(getattr(hf_config, "layer_types", None) or ()) - _ATTENTION_LAYER_TYPES)
-    if other:
-        return f"it has layer types the backend does not support: {', '.join(other)}"
     return None
 
 

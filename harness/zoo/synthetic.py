@@ -282,6 +282,66 @@ RECIPES: dict[str, Recipe] = {
             "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8,
         },
     }, seed=34),
+    # --- Architectures the engine runs only through the Transformers backend ---
+    # MLA attention like DeepSeek's but with plain (non-interleaved) rope, values narrower than
+    # queries and keys, embeddings scaled by scale_emb (drawn at 1 / scale_emb, so untied), logits
+    # by dim_model_base / hidden and each residual branch by scale_depth / sqrt(layers).
+    "tiny-minicpm3": Recipe("MiniCPM3Config", {
+        "num_hidden_layers": 2, "num_key_value_heads": 4, "q_lora_rank": 32, "kv_lora_rank": 32,
+        "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 12, "scale_emb": 12, "scale_depth": 1.4,
+        "dim_model_base": 32, "tie_word_embeddings": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    }, seed=35, scales={"embed_tokens.weight": 1 / 12}),
+    # Squared-ReLU MLP without a gate.
+    "tiny-arcee": Recipe("ArceeConfig", {
+        "num_hidden_layers": 2, "head_dim": 16, "hidden_act": "relu2", "tie_word_embeddings": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    }, seed=36),
+    # Every second layer without rope (NoPE).
+    "tiny-smollm3": Recipe("SmolLM3Config", {
+        "num_hidden_layers": 4, "no_rope_layer_interval": 2, "tie_word_embeddings": True,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 2000000.0},
+    }, seed=37),
+    "tiny-helium": Recipe("HeliumConfig", {
+        "num_hidden_layers": 2, "head_dim": 16, "rms_norm_eps": 1e-8, "tie_word_embeddings": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0},
+    }, seed=38),
+    # OLMo 2's norms with sliding-window layers (window 32) before a global one.
+    "tiny-olmo3": Recipe("Olmo3Config", {
+        "num_hidden_layers": 3, "sliding_window": 32, "tie_word_embeddings": False,
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 500000.0},
+        },
+    }, seed=39),
+    # Post-attention and post-MLP norms, q/k/v bias, interleaved rope on half of each head.
+    "tiny-glm4": Recipe("Glm4Config", {
+        "num_hidden_layers": 2, "head_dim": 16, "attention_bias": True, "tie_word_embeddings": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+    }, seed=40),
+    # Qwen3 attention (q/k norm) with 4 experts top-2, renormalised, on every layer.
+    "tiny-qwen3-moe": Recipe("Qwen3MoeConfig", {
+        "num_hidden_layers": 2, "head_dim": 32, "num_experts": 4, "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32, "norm_topk_prob": True, "tie_word_embeddings": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+    }, seed=41),
+    # Post-norms and q/k norm, sliding-window layers (window 32) around a global one without rope.
+    "tiny-exaone4": Recipe("Exaone4Config", {
+        "num_hidden_layers": 3, "sliding_window": 32, "sliding_window_pattern": 3, "tie_word_embeddings": False,
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    }, seed=42),
+    # q/k/v bias without an output-projection bias.
+    "tiny-seed-oss": Recipe("SeedOssConfig", {
+        "num_hidden_layers": 2, "head_dim": 16, "attention_bias": True, "attention_out_bias": False,
+        "tie_word_embeddings": False, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    }, seed=43),
+    # Interleaved (gpt-j style) rope pairs, tied embeddings.
+    "tiny-ernie4_5": Recipe("Ernie4_5Config", {
+        "num_hidden_layers": 2, "head_dim": 16, "use_bias": False, "tie_word_embeddings": True,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
+    }, seed=44),
 }
 
 

@@ -40,10 +40,12 @@ TINY_MAX_MODEL_LEN = 512
 # refuse it with a reason. Varied on purpose: partial rotary (Phi), q/k norm (OLMo 2), logit
 # scaling and parallel blocks (Cohere), sliding-window interleaving (Cohere 2), mixture of experts
 # (Mixtral), a decoder nested in its base model (OPT), ALiBi without attention-interface support
-# (BLOOM), an encoder-decoder (BART) and no attention at all (Mamba).
+# (BLOOM), an encoder-decoder (BART), no attention at all (Mamba, FalconMamba) and Mamba layers
+# between attention layers (Jamba).
 BACKEND_CANDIDATES = (
     "PhiForCausalLM", "Olmo2ForCausalLM", "CohereForCausalLM", "Cohere2ForCausalLM", "MixtralForCausalLM",
     "OPTForCausalLM", "BloomForCausalLM", "BartForConditionalGeneration", "MambaForCausalLM",
+    "FalconMambaForCausalLM", "JambaForCausalLM",
 )
 
 
@@ -61,7 +63,7 @@ def _zoo_recipes() -> dict[str, str]:
 def test_registered_architecture(architecture: str, litmus_record, example_prompts: list[str], dtype: str):
     task = get_model_impl([architecture])[1].tasks[0]
     name = _zoo_recipes().get(architecture)
-    subject(litmus_record, name or f"tiny-{architecture}", architecture, task)
+    subject(litmus_record, name or f"tiny-{architecture}", architecture, task, "native")
     require_task(task)
     path = zoo.model_path(name) if name else tiny_model_path(architecture)
     llm = load(litmus_record, str(path), dtype=dtype, model_impl="native", max_model_len=TINY_MAX_MODEL_LEN,
@@ -72,9 +74,8 @@ def test_registered_architecture(architecture: str, litmus_record, example_promp
 @pytest.mark.parametrize("architecture", [a for a in BACKEND_CANDIDATES if a not in supported_architectures()])
 @pytest.mark.usefixtures("one_torch_thread")
 def test_transformers_backend(architecture: str, litmus_record, example_prompts: list[str], dtype: str):
-    subject(litmus_record, f"tiny-{architecture}", architecture, "generate")
+    subject(litmus_record, f"tiny-{architecture}", architecture, "generate", "transformers")
     path = str(tiny_model_path(architecture))
-    litmus_record.metrics["model_impl"] = "transformers"
     try:
         llm = load(litmus_record, path, dtype=dtype, model_impl="transformers", max_model_len=TINY_MAX_MODEL_LEN)
     except UnsupportedArchitectureError as exc:
@@ -90,9 +91,10 @@ def test_selected_model(model_spec, model_path: str, litmus_record, example_prom
 
 # --- the check -------------------------------------------------------------------------------
 
-def subject(litmus_record, model: str, architecture: str, task: str) -> None:
+def subject(litmus_record, model: str, architecture: str, task: str, model_impl: str) -> None:
     """The record is about this checkpoint, not about --model."""
     litmus_record.model, litmus_record.architecture, litmus_record.task = model, architecture, task
+    litmus_record.model_impl = model_impl
 
 
 def require_task(task: str) -> None:

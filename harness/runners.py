@@ -106,9 +106,12 @@ class HfRunner(_Runner):
     def _init_pooling(self, model_path: str, dtype: torch.dtype, task: str, pooling_type: str | None) -> None:
         architecture = (AutoConfig.from_pretrained(model_path).architectures or [""])[0]
         self.cross_encoder = architecture.endswith("ForSequenceClassification")
-        auto = AutoModelForSequenceClassification if self.cross_encoder else AutoModel
+        # Rewards are per-token outputs: a causal LM's logits, else the body's hidden states.
+        self.lm_head_rewards = task == "reward" and architecture.endswith("ForCausalLM")
+        auto = (AutoModelForSequenceClassification if self.cross_encoder
+                else AutoModelForCausalLM if self.lm_head_rewards else AutoModel)
         self.model = auto.from_pretrained(model_path, dtype=dtype).eval()
-        if not self.cross_encoder and pooling_type not in _HF_POOLING:
+        if task != "reward" and not self.cross_encoder and pooling_type not in _HF_POOLING:
             raise ValueError(f"HfRunner(task={task!r}) on {architecture} needs pooling_type, one of "
                              f"{', '.join(_HF_POOLING)}; got {pooling_type!r}")
         self.pooling_type = pooling_type
@@ -122,6 +125,12 @@ class HfRunner(_Runner):
             x = _HF_POOLING[self.pooling_type](hidden)[:dimensions]
             vectors.append((F.normalize(x, dim=-1) if normalize in (None, True) else x).tolist())
         return vectors
+
+    @torch.inference_mode()
+    def reward(self, prompts: Sequence[str]) -> list[list[list[float]]]:
+        """Per prompt, one output vector per token."""
+        outputs = [self.model(**self.tokenizer(prompt, return_tensors="pt")) for prompt in prompts]
+        return [(out.logits if self.lm_head_rewards else out.last_hidden_state)[0].float().tolist() for out in outputs]
 
     @torch.inference_mode()
     def classify(self, prompts: Sequence[str], softmax: bool | None = None) -> list[list[float]]:
@@ -237,6 +246,9 @@ class EngineRunner(_Runner):
 
     def score(self, text_1: str | Sequence[str], text_2: str | Sequence[str]) -> list[float]:
         return [out.outputs.score for out in self.llm.score(text_1, text_2, use_tqdm=False)]
+
+    def reward(self, prompts: Sequence[str]) -> list[list[list[float]]]:
+        return [out.outputs.data.tolist() for out in self.llm.reward(list(prompts), use_tqdm=False)]
 
     def _run(self, prompts: list[Any], params: Any) -> list[Any]:
         outputs = self.llm.generate(prompts, params, use_tqdm=False)

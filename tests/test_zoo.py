@@ -28,9 +28,10 @@ BACKEND = [
 ]
 REAL = ["smollm2-135m-instruct", "gemma3-270m"]
 POOLING = [
-    "all-minilm-l6-v2", "tiny-bert", "tiny-roberta", "tiny-xlm-roberta", "tiny-bert-cross-encoder",
-    "tiny-xlm-roberta-cross-encoder", "tiny-roberta-classifier", "tiny-qwen2-classifier", "tiny-llama-embed",
-    "tiny-mistral-embed", "tiny-qwen2-embed", "tiny-gemma2-embed",
+    "all-minilm-l6-v2", "tiny-bert", "tiny-roberta", "tiny-roberta-mlm", "tiny-xlm-roberta", "tiny-bert-cross-encoder",
+    "tiny-xlm-roberta-cross-encoder", "tiny-roberta-cross-encoder", "tiny-roberta-classifier",
+    "tiny-qwen2-classifier", "tiny-llama-embed", "tiny-mistral-embed", "tiny-qwen2-embed", "tiny-gemma2-embed",
+    "tiny-llama-lm-embed", "tiny-qwen2-lm-embed", "tiny-llama-lm-reward",
 ]
 
 

@@ -60,6 +60,8 @@ _NATIVE: dict[str, ModelImpl] = {
     "BertModel": ModelImpl("bert", "BertModel", ("embed", "score")),
     "RobertaModel": ModelImpl("bert", "RobertaModel", ("embed", "score")),
     "XLMRobertaModel": ModelImpl("bert", "XLMRobertaModel", ("embed", "score")),
+    # A masked-LM checkpoint (all-roberta-large-v1) embeds with its encoder; the LM head is not loaded.
+    "RobertaForMaskedLM": ModelImpl("bert", "RobertaModel", ("embed", "score")),
     "BertForSequenceClassification": ModelImpl("bert", "BertForSequenceClassification", ("classify", "score")),
     "RobertaForSequenceClassification": ModelImpl("bert", "RobertaForSequenceClassification", ("classify", "score")),
     "XLMRobertaForSequenceClassification": ModelImpl(
@@ -124,8 +126,9 @@ def resolve_model_impl(architectures: list[str] | None, model_impl: str) -> str:
     )
 
 
-# A native causal LM also runs as these pooling tasks (engine/models/adapters.py).
-DECODER_POOLING_TASKS = ("embed", "reward")
+# A native causal LM also runs as these pooling tasks (engine/models/adapters.py); "score" is the
+# cosine of its embeddings, as for the XModel embedders.
+DECODER_POOLING_TASKS = ("embed", "score", "reward")
 
 
 def supported_tasks(impl: ModelImpl) -> tuple[str, ...]:

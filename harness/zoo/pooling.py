@@ -74,6 +74,10 @@ RECIPES: dict[str, PoolingRecipe] = {
     "tiny-roberta": PoolingRecipe("RobertaModel", "RobertaConfig", {
         **_ENCODER, "num_hidden_layers": 2, "max_position_embeddings": 514, "type_vocab_size": 1, "pad_token_id": 1,
     }, seed=302, tokenizer="bert-single-segment", scales=_ENCODER_SCALES),
+    # all-roberta-large-v1's layout: the encoder under a masked-LM head, no pooler.
+    "tiny-roberta-mlm": PoolingRecipe("RobertaForMaskedLM", "RobertaConfig", {
+        **_ENCODER, "num_hidden_layers": 2, "max_position_embeddings": 514, "type_vocab_size": 1, "pad_token_id": 1,
+    }, seed=315, tokenizer="bert-single-segment", scales=_ENCODER_SCALES),
     "tiny-xlm-roberta": PoolingRecipe("XLMRobertaModel", "XLMRobertaConfig", {
         **_ENCODER, "num_hidden_layers": 3, "max_position_embeddings": 514, "type_vocab_size": 1, "pad_token_id": 1,
     }, seed=303, tokenizer="bert-single-segment", scales=_ENCODER_SCALES),
@@ -91,11 +95,19 @@ RECIPES: dict[str, PoolingRecipe] = {
         **_ENCODER, "num_hidden_layers": 2, "max_position_embeddings": 514, "type_vocab_size": 1, "pad_token_id": 1,
         "num_labels": 3,
     }, seed=306, tokenizer="bert-single-segment", scales=_ENCODER_SCALES),
+    "tiny-roberta-cross-encoder": PoolingRecipe("RobertaForSequenceClassification", "RobertaConfig", {
+        **_ENCODER, "num_hidden_layers": 2, "max_position_embeddings": 514, "type_vocab_size": 1, "pad_token_id": 1,
+        "num_labels": 1,
+    }, seed=312, tokenizer="bert-single-segment", scales=_ENCODER_SCALES),
     "tiny-qwen2-classifier": _decoder("tiny-qwen2", "Qwen2ForSequenceClassification", 307, num_labels=3),
     "tiny-llama-embed": _decoder("tiny-llama", "LlamaModel", 308),
     "tiny-mistral-embed": _decoder("tiny-mistral", "MistralModel", 309),
     "tiny-qwen2-embed": _decoder("tiny-qwen2", "Qwen2Model", 310),
     "tiny-gemma2-embed": _decoder("tiny-gemma2", "Gemma2Model", 311),
+    # Whole causal LMs, LM head included, run as embedders (task="embed"): the head goes unused.
+    "tiny-llama-lm-embed": _decoder("tiny-llama", "LlamaForCausalLM", 313),
+    "tiny-qwen2-lm-embed": _decoder("tiny-qwen2", "Qwen2ForCausalLM", 314),
+    "tiny-llama-lm-reward": _decoder("tiny-llama", "LlamaForCausalLM", 316),
 }
 
 

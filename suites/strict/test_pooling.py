@@ -31,7 +31,9 @@ pytestmark = pytest.mark.strict
 MIN_COSINE = 0.9999
 NORM_RTOL = 1e-4
 SCORE_ATOL = 1e-4
-ENCODERS = ("BertModel", "RobertaModel", "XLMRobertaModel")
+# Of the largest reference value: per-token outputs (logits) are not on a unit scale.
+REWARD_RTOL = 1e-5
+ENCODERS = ("BertModel", "RobertaModel", "XLMRobertaModel", "RobertaForMaskedLM")
 QUERY = "What is the capital of France?"
 DOCUMENTS = [
     "Paris is the capital and largest city of France.",
@@ -149,6 +151,22 @@ def test_class_probs_match_hf(engine: EngineRunner, hf: HfRunner, example_prompt
     assert [len(p) for p in got] == [len(p) for p in want], "the engine returned another number of classes"
     _check_close([p for probs in got for p in probs], [p for probs in want for p in probs], "max_prob_diff",
                  litmus_record)
+
+
+@pytest.mark.parametrize("batch_size", BATCH_SIZES, ids=BATCH_IDS)
+def test_rewards_match_hf(engine: EngineRunner, hf: HfRunner, example_prompts: list[str], model_spec, batch_size,
+                          litmus_record):
+    """A reward model's per-token outputs (a causal LM's logits, a body's hidden states)."""
+    if model_spec.task != "reward":
+        pytest.skip(f"not a reward model (task={model_spec.task!r})")
+    got, want = _batched(example_prompts, batch_size, engine.reward), hf.reward(example_prompts)
+    assert [len(r) for r in got] == [len(r) for r in want], "a prompt's reward has another number of tokens"
+    diffs = [torch.tensor(g, dtype=torch.float64) - torch.tensor(w, dtype=torch.float64) for g, w in zip(got, want)]
+    scale = max(torch.tensor(w).abs().max().item() for w in want)
+    worst = max(range(len(diffs)), key=lambda i: diffs[i].abs().max().item())
+    rel = diffs[worst].abs().max().item() / scale
+    litmus_record.metrics.update(max_reward_rel_diff=rel, reward_scale=scale)
+    assert rel <= REWARD_RTOL, f"prompt {worst}: rewards differ by {rel:.2e} of their scale > {REWARD_RTOL}"
 
 
 def _check_embeddings(got: list[list[float]], want: list[list[float]], litmus_record) -> None:

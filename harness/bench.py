@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-BACKENDS = ("engine", "hf", "llamacpp")
+# engine-transformers: the engine running Transformers' modeling code (model_impl="transformers").
+BACKENDS = ("engine", "engine-transformers", "hf", "llamacpp")
 DTYPES = ("float32", "bfloat16", "float16")
 # Transformers' generate pads a batch to one length and grows its cache by concatenation, so
 # its best batch size depends on the machine: these are tried and the fastest is reported.
@@ -98,12 +99,14 @@ class Backend(ABC):
 class EngineBackend(Backend):
     name = "engine"
 
-    def __init__(self, w: Workload):
+    def __init__(self, w: Workload, model_impl: str = "auto"):
         from engine import LLM
 
+        if model_impl != "auto":
+            self.name = f"engine-{model_impl}"
         # The cache holds exactly the workload: every prompt at full length at once.
         self.llm = LLM(w.path, dtype=w.dtype, max_model_len=w.input_len + w.output_len,
-                       max_num_seqs=max(w.num_prompts, 1), seed=w.seed)
+                       max_num_seqs=max(w.num_prompts, 1), seed=w.seed, model_impl=model_impl)
 
     def _params(self, output_len: int):
         from engine import SamplingParams
@@ -220,6 +223,8 @@ def _source_gguf(model_dir: str) -> str | None:
 def make_backend(name: str, w: Workload, gguf: str | None = None) -> Backend:
     if name == "engine":
         return EngineBackend(w)
+    if name == "engine-transformers":
+        return EngineBackend(w, model_impl="transformers")
     if name == "hf":
         return HfBackend(w)
     if name == "llamacpp":

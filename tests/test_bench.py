@@ -56,6 +56,15 @@ def test_throughput_compare_reports_both_backends_and_their_ratio(tmp_path: Path
     assert f"ratio engine/hf (tok/s): {ratio:.2f}x" in out
 
 
+def test_engine_native_against_its_transformers_backend(tmp_path: Path, capsys) -> None:
+    code, report, out, _ = _bench(tmp_path, capsys, "throughput", "--num-prompts", str(NUM_PROMPTS),
+                                  "--compare", "engine,engine-transformers")
+    assert code == 0
+    native, backend = report["results"]["engine"], report["results"]["engine-transformers"]
+    assert native["output_tokens"] == backend["output_tokens"] == NUM_PROMPTS * OUTPUT_LEN
+    assert report["ratios"] == {"engine/engine-transformers": pytest.approx(native["tok_s"] / backend["tok_s"])}
+
+
 def test_latency_compare_reports_first_token_and_per_token_times(tmp_path: Path, capsys) -> None:
     code, report, out, _ = _bench(tmp_path, capsys, "latency", "--compare", "hf,engine", "--repeats", "1")
     assert code == 0 and report["kind"] == "latency"

@@ -194,19 +194,22 @@ def _new_notes(tier: str, check: str, model: str | None, dtype: str = "float32",
     architecture = info.architecture if info else None
     return RecordNotes(tier=tier, check=check, model=model or "-", architecture=architecture,
                        task=info.task if info else None, dtype=dtype,
-                       model_impl=_engine_impl(tier, architecture, model_impl))
+                       model_impl=_engine_impl(tier, architecture, info.task if info else None, model_impl))
 
 
-def _engine_impl(tier: str, architecture: str | None, model_impl: str) -> str:
-    """What LLM(model_impl=...) will run the architecture with, as the record states it."""
+def _engine_impl(tier: str, architecture: str | None, task: str | None, model_impl: str) -> str:
+    """What LLM(model_impl=...) will run the architecture with, as the record states it ("" for
+    none: no engine in the tier, or one that cannot run it)."""
     from engine.models.registry import UnsupportedArchitectureError, resolve_model_impl
 
     if tier == "community" or architecture is None:
         return ""
     try:
-        return resolve_model_impl([architecture], model_impl)
+        impl = resolve_model_impl([architecture], model_impl)
     except UnsupportedArchitectureError:
         return ""
+    # The backend runs generation only.
+    return "" if impl == "transformers" and task not in (None, "generate") else impl
 
 
 def check_name(module: str, function: str, param_id: str | None, model: str | None) -> str:

@@ -75,7 +75,7 @@ class Row:
     subsection: str
     display_name: str | None
     implemented: bool
-    # The engine implementations its records ran ("native", "transformers").
+    # The engine implementations its checks ran ("native", "transformers"); a skipped check ran none.
     model_impls: list[str] = field(default_factory=list)
 
     @property
@@ -268,7 +268,7 @@ def _row_for_record(record: ResultRecord, rows: dict[tuple, Row]) -> Row:
 
 def _fill(row: Row, records: list[ResultRecord]) -> None:
     row.models = sorted({r.model for r in records})
-    row.model_impls = sorted({r.model_impl for r in records if r.model_impl})
+    row.model_impls = sorted({r.model_impl for r in records if r.model_impl and r.outcome != "skip"})
     for tier in TIERS:
         in_tier = [r for r in records if r.tier == tier]
         status, reason = aggregate(in_tier)

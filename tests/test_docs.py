@@ -79,9 +79,13 @@ def test_rows_run_only_through_the_transformers_backend_are_marked():
                        check=check, outcome="pass", model_impl=impl)
           for check, impl in (("c", "native"), ("d", "transformers"))),
     ]
+    # Refused by the backend: a skip, nothing ran.
+    records.append(ResultRecord(model="tiny-mamba", architecture="MambaForCausalLM", task="generate", tier="smoke",
+                                check="c", outcome="skip", reason="no attention layers", model_impl="transformers"))
     matrix = matrix_of(records)
     rows = markdown_rows(render(matrix, "markdown"))
     assert sum(r.startswith(f"| `ArceeForCausalLM`{BACKEND_MARK} |") for r in rows) == 1
+    assert sum(r.startswith("| `MambaForCausalLM` |") for r in rows) == 1
     # Checked natively too: not marked.
     assert sum(r.startswith("| `LlamaForCausalLM` |") for r in rows) == 3
     assert f"<code>ArceeForCausalLM</code>{BACKEND_MARK}</td>" in render(matrix, "html")

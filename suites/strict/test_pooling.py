@@ -161,10 +161,11 @@ def test_rewards_match_hf(engine: EngineRunner, hf: HfRunner, example_prompts: l
         pytest.skip(f"not a reward model (task={model_spec.task!r})")
     got, want = _batched(example_prompts, batch_size, engine.reward), hf.reward(example_prompts)
     assert [len(r) for r in got] == [len(r) for r in want], "a prompt's reward has another number of tokens"
-    diffs = [torch.tensor(g, dtype=torch.float64) - torch.tensor(w, dtype=torch.float64) for g, w in zip(got, want)]
-    scale = max(torch.tensor(w).abs().max().item() for w in want)
-    worst = max(range(len(diffs)), key=lambda i: diffs[i].abs().max().item())
-    rel = diffs[worst].abs().max().item() / scale
+    want_t = [torch.tensor(w, dtype=torch.float64) for w in want]
+    max_diffs = [(torch.tensor(g, dtype=torch.float64) - w).abs().max().item() for g, w in zip(got, want_t)]
+    scale = max(w.abs().max().item() for w in want_t)
+    worst = max(range(len(max_diffs)), key=max_diffs.__getitem__)
+    rel = max_diffs[worst] / scale
     litmus_record.metrics.update(max_reward_rel_diff=rel, reward_scale=scale)
     assert rel <= REWARD_RTOL, f"prompt {worst}: rewards differ by {rel:.2e} of their scale > {REWARD_RTOL}"
 

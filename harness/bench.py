@@ -79,6 +79,7 @@ class Run:
     output_tokens: int
     peak_rss_mb: float
     batch_size: int | None = None
+    step_stats: dict[str, float] | None = None  # engine backends: engine.stats' per-step phases
 
 
 # ---------------------------------------------------------------- backends
@@ -94,6 +95,10 @@ class Backend(ABC):
     @abstractmethod
     def first_token_then_rest(self, prompt: list[int], output_len: int) -> tuple[Elapsed, Elapsed]:
         """One request alone: time to its first token, and to all output_len tokens."""
+
+    def step_stats(self) -> dict[str, float] | None:
+        """Per-step time by phase during the last call above, for a backend that steps visibly."""
+        return None
 
 
 class EngineBackend(Backend):
@@ -113,13 +118,18 @@ class EngineBackend(Backend):
 
         return SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
 
+    def step_stats(self) -> dict[str, float]:
+        return self.llm.llm_engine.stats.summary()
+
     def generate(self, prompts: list[list[int]], output_len: int, batch_size: int | None = None) -> int:
+        self.llm.llm_engine.stats.reset()
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], self._params(output_len),
                                     use_tqdm=False)
         return sum(len(o.outputs[0].token_ids) for o in outputs)
 
     def first_token_then_rest(self, prompt: list[int], output_len: int) -> tuple[Elapsed, Elapsed]:
         engine = self.llm.llm_engine
+        engine.stats.reset()
         start = Elapsed.now()
         engine.add_request("bench-latency", None, prompt, self._params(output_len))
         first = None
@@ -338,7 +348,7 @@ def timed_run(backend: Backend, prompts: list[list[int]], output_len: int, batch
         start = Elapsed.now()
         tokens = backend.generate(prompts, output_len, batch_size)
         took = Elapsed.now() - start
-        return Run(took.wall, took.cpu, tokens, rss(), batch_size)
+        return Run(took.wall, took.cpu, tokens, rss(), batch_size, backend.step_stats())
 
 
 # ---------------------------------------------------------------- throughput
@@ -358,6 +368,7 @@ class BackendResult:
     batch_size: int | None = None
     batch_sizes_tried: dict[str, float] | None = None  # hf: batch size -> tok/s
     weights: str | None = None  # llamacpp: the GGUF file (its own quantization, whatever --dtype says)
+    step_stats: dict[str, float] | None = None  # the median run's, see Run
 
 
 def summarize(name: str, runs: list[Run], w: Workload, flops: float, peak_gflops: float,
@@ -370,7 +381,7 @@ def summarize(name: str, runs: list[Run], w: Workload, flops: float, peak_gflops
         total_time_s=mid.seconds, cpu_time_s=mid.cpu_seconds, output_tokens=mid.output_tokens,
         roofline_pct=100.0 * flops / mid.seconds / (peak_gflops * 1e9),
         peak_rss_mb=max(r.peak_rss_mb for r in runs), runs=[asdict(r) for r in runs], batch_size=mid.batch_size,
-        batch_sizes_tried=tried, weights=weights,
+        batch_sizes_tried=tried, weights=weights, step_stats=mid.step_stats,
     )
 
 
@@ -443,6 +454,9 @@ def run_latency(w: Workload, backends: list[str], repeats: int = 3, gguf: str | 
                 sample = {"ttft_ms": first.wall * 1e3, "ms_per_output_token": _ms_per_token(first.wall, total.wall, w),
                           "cpu_ms_per_output_token": _ms_per_token(first.cpu, total.cpu, w),
                           "total_time_s": total.wall, "peak_rss_mb": rss()}
+                stats = backend.step_stats()
+                if stats is not None:
+                    sample.update(step_ms=stats["step_ms"], step_overhead_ms=stats["overhead_ms"])
             samples[name].append(sample)
             log(f"[round {round_ + 1}/{repeats}] {name}: first token {sample['ttft_ms']:.1f} ms, "
                 f"{sample['ms_per_output_token']:.1f} ms per output token")
@@ -495,6 +509,8 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"  {r['backend']:9s} {r['tok_s']:9.1f} tok/s {r['requests_s']:7.2f} req/s "
                          f"{r['total_time_s']:8.2f} s (cpu {r['cpu_time_s']:.2f} s)  "
                          f"roofline {r['roofline_pct']:5.1f}%  peak RSS {r['peak_rss_mb']:.0f} MB{extra}")
+            if r["step_stats"]:
+                lines.append(_format_step_stats(r["step_stats"]))
     else:
         lines = [f"latency: {report['model']} {report['dtype']}, batch 1, {report['input_len']} in / "
                  f"{report['output_len']} out, {report['threads']} threads"]
@@ -503,10 +519,21 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"  {r['backend']:9s} first token {r['ttft_ms']:8.1f} ms  {r['ms_per_output_token']:7.2f} "
                          f"ms/token (cpu {r['cpu_ms_per_output_token']:.2f})  "
                          f"peak RSS {r['peak_rss_mb']:.0f} MB{extra}")
+            if "step_overhead_ms" in r:
+                lines.append(f"{'':12s}per step {r['step_ms']:.2f} ms, of it {r['step_overhead_ms']:.2f} ms outside "
+                             f"the model (scheduler, inputs, sampling, outputs)")
     for pair, ratio in report["ratios"].items():
         what = "tok/s" if report["kind"] == "throughput" else "decode speed (ms per token, inverted)"
         lines.append(f"ratio {pair} ({what}): {ratio:.2f}x")
     return "\n".join(lines)
+
+
+def _format_step_stats(stats: dict[str, float]) -> str:
+    from engine.stats import PHASES
+
+    phases = ", ".join(f"{name} {stats[f'{name}_ms']:.2f}" for name in PHASES)
+    return (f"{'':12s}{stats['steps']} steps, {stats['step_ms']:.1f} ms each: {phases} ms; outside the model "
+            f"{stats['overhead_ms']:.2f} ms ({stats['overhead_pct']:.1f}%)")
 
 
 def _int_list(text: str, option: str) -> list[int]:

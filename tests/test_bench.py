@@ -54,6 +54,25 @@ def test_throughput_compare_reports_both_backends_and_their_ratio(tmp_path: Path
     ratio = report["results"]["engine"]["tok_s"] / hf["tok_s"]
     assert report["ratios"] == {"engine/hf": pytest.approx(ratio)}
     assert f"ratio engine/hf (tok/s): {ratio:.2f}x" in out
+    assert hf["step_stats"] is None
+
+
+def test_engine_steps_are_split_into_model_and_overhead(tmp_path: Path, capsys) -> None:
+    code, report, out, _ = _bench(tmp_path, capsys, "throughput", "--num-prompts", str(NUM_PROMPTS),
+                                  "--backend", "engine")
+    assert code == 0
+    r = report["results"]["engine"]
+    stats = r["step_stats"]
+    # A token per sequence per step at most (prefills may take several steps, chunked).
+    assert stats["steps"] >= OUTPUT_LEN
+    phases = [stats[f"{name}_ms"] for name in ("schedule", "prepare", "model", "sample", "output")]
+    assert all(p > 0 for p in phases)
+    assert stats["step_ms"] == pytest.approx(sum(phases))
+    assert stats["overhead_ms"] == pytest.approx(stats["step_ms"] - stats["model_ms"])
+    assert stats["overhead_pct"] == pytest.approx(100 * stats["overhead_ms"] / stats["step_ms"])
+    # The steps are the run: their time is the run's, less what generate() does around them.
+    assert stats["steps"] * stats["step_ms"] / 1e3 <= r["total_time_s"]
+    assert f"{stats['steps']} steps" in out and "outside the model" in out
 
 
 def test_engine_native_against_its_transformers_backend(tmp_path: Path, capsys) -> None:
@@ -73,6 +92,8 @@ def test_latency_compare_reports_first_token_and_per_token_times(tmp_path: Path,
         assert r["ttft_ms"] > 0 and r["ms_per_output_token"] > 0
         assert r["decode_tok_s"] == pytest.approx(1e3 / r["ms_per_output_token"])
         assert r["total_time_s"] * 1e3 > r["ttft_ms"]
+    engine = report["results"]["engine"]
+    assert 0 < engine["step_overhead_ms"] < engine["step_ms"] and "step_ms" not in report["results"]["hf"]
     ratio = report["results"]["engine"]["ms_per_output_token"] / report["results"]["hf"]["ms_per_output_token"]
     assert report["ratios"] == {"hf/engine": pytest.approx(ratio)}
     assert "ratio hf/engine" in out

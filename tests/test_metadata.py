@@ -209,7 +209,8 @@ def test_recorded_sha256_matches_the_reference():
 
 @needs_reference
 def test_extractor_reproduces_the_json():
-    spec = importlib.util.spec_from_file_location("extract_architectures", REPO_ROOT / "scripts" / "extract_architectures.py")
+    spec = importlib.util.spec_from_file_location("extract_architectures",
+                                                  REPO_ROOT / "scripts" / "extract_architectures.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up there
     try:
@@ -249,7 +250,8 @@ def test_rows_are_well_formed():
             assert r.inputs == ("T",)
             assert set(r.feature_columns) == {"LoRA", "PP"}
     # tasks follow the section
-    task_of = {"text_generation": "generate", "embedding": "embed", "reward": "reward", "classification": "classify", "score": "score"}
+    task_of = {"text_generation": "generate", "embedding": "embed", "reward": "reward", "classification": "classify",
+               "score": "score"}
     for r in rows:
         if r.section in task_of:
             assert r.tasks == (task_of[r.section],)
@@ -317,7 +319,8 @@ def test_hf_classes_match_installed_transformers():
     import transformers
 
     if transformers.__version__ != _doc()["source"]["transformers_version"]:
-        pytest.skip(f"JSON made with transformers {_doc()['source']['transformers_version']}, installed {transformers.__version__}")
+        made_with = _doc()["source"]["transformers_version"]
+        pytest.skip(f"JSON made with transformers {made_with}, installed {transformers.__version__}")
     lower = {n.lower(): n for n in dir(transformers)}
     for name in all_architecture_names():
         rows = get_architecture_info(name)

@@ -17,7 +17,8 @@ from engine.loader import load_tokenizer
 from engine.outputs import CompletionOutput, Logprob, PoolingOutput, PoolingRequestOutput, RequestOutput
 from engine.pooling_params import PoolingParams
 from engine.sampling_params import SamplingParams
-from engine.worker.model_runner import ModelRunner, PromptLogprobsChunk
+from engine.stats import StepStats
+from engine.worker.model_runner import ModelRunner, PromptLogprobsChunk, StepResult
 
 
 @dataclass
@@ -43,7 +44,9 @@ class LLMEngine:
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    enable_chunked_prefill=not config.is_pooling)
-        self.model_runner = ModelRunner(config, self.eos_token_ids)
+        # Per-phase step times (engine.stats), shared with the model runner.
+        self.stats = StepStats()
+        self.model_runner = ModelRunner(config, self.eos_token_ids, stats=self.stats)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
@@ -156,12 +159,18 @@ class LLMEngine:
     # --- stepping ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput] | list[PoolingRequestOutput]:
         """Runs one batch; returns the outputs of requests that got new tokens or finished."""
-        sched = self.scheduler.schedule()
+        with self.stats.phase("schedule"):
+            sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
+        self.stats.steps += 1
         if self.config.is_pooling:
             return self._pooling_step(sched)
         result = self.model_runner.execute(sched.scheduled)
+        with self.stats.phase("output"):
+            return self._process_step(sched, result)
+
+    def _process_step(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
         self.scheduler.update_after_step(sched)
         for chunk in result.prompt_logprobs:
             self._append_prompt_logprobs(chunk)
@@ -181,12 +190,13 @@ class LLMEngine:
 
     def _pooling_step(self, sched: SchedulerOutput) -> list[PoolingRequestOutput]:
         pooled = self.model_runner.execute_pooling(sched.scheduled)
-        self.scheduler.update_after_step(sched)
-        outputs = []
-        for s, data in zip(sched.scheduled, pooled):
-            self.scheduler.finish(s.seq)
-            outputs.append(PoolingRequestOutput(s.seq.request_id, PoolingOutput(data), s.seq.prompt_token_ids))
-        return outputs
+        with self.stats.phase("output"):
+            self.scheduler.update_after_step(sched)
+            outputs = []
+            for s, data in zip(sched.scheduled, pooled):
+                self.scheduler.finish(s.seq)
+                outputs.append(PoolingRequestOutput(s.seq.request_id, PoolingOutput(data), s.seq.prompt_token_ids))
+            return outputs
 
     def pop_finished(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

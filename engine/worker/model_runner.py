@@ -17,6 +17,7 @@ from engine.layers.pooler import PoolingMetadata
 from engine.layers.sampler import SamplerOutput, SamplingBatch, compute_logprobs_info, sample
 from engine.loader import iter_weights
 from engine.models.registry import get_model_impl, resolve_model_impl
+from engine.stats import StepStats
 
 # Prompt rows scored per LM-head call: a full-vocabulary log-softmax row is large (Gemma 3's
 # 262k vocabulary: 1 MiB in float32), so a long prompt's rows are reduced to their logprob
@@ -58,8 +59,9 @@ def load_model(config: EngineConfig) -> nn.Module:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, eos_token_ids: frozenset[int] = frozenset(),
-                 model: nn.Module | None = None):
+                 model: nn.Module | None = None, stats: StepStats | None = None):
         self.config = config
+        self.stats = stats if stats is not None else StepStats()
         self.eos_token_ids = eos_token_ids
         self.block_size = config.block_size
         self.model = model if model is not None else load_model(config)
@@ -82,16 +84,19 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq]) -> StepResult:
-        input_ids, positions, meta = self._prepare(scheduled)
-        hidden = self.model(input_ids, positions, meta)
-        rows, sampled = self._sample_rows(scheduled)
+        with self.stats.phase("prepare"):
+            input_ids, positions, meta = self._prepare(scheduled)
+            rows, sampled = self._sample_rows(scheduled)
         sampler_output = None
-        # The LM head runs only on rows that need logits, not on every prefill token.
-        if sampled:
-            logits = self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.long)])
-            sampler_output = sample(logits, self._sampling_batch(sampled))
-        prompt_logprobs = [self._score_prompt(hidden, seq, first, prompt_rows)
-                           for seq, first, prompt_rows in self._prompt_logprob_rows(scheduled)]
+        with self.stats.phase("model"):
+            hidden = self.model(input_ids, positions, meta)
+            # The LM head runs only on rows that need logits, not on every prefill token.
+            logits = self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.long)]) if sampled else None
+        with self.stats.phase("sample"):
+            if sampled:
+                sampler_output = sample(logits, self._sampling_batch(sampled))
+            prompt_logprobs = [self._score_prompt(hidden, seq, first, prompt_rows)
+                               for seq, first, prompt_rows in self._prompt_logprob_rows(scheduled)]
         return StepResult(sampled, sampler_output, prompt_logprobs)
 
     def _score_prompt(self, hidden: torch.Tensor, seq: Sequence, first: int, rows: list[int]) -> PromptLogprobsChunk:
@@ -108,17 +113,18 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_pooling(self, scheduled: list[ScheduledSeq]) -> list[torch.Tensor]:
         """One pooled output per scheduled sequence; each runs its whole prompt in this step."""
-        input_ids, positions, meta = self._prepare(scheduled)
         seqs = [s.seq for s in scheduled]
-        extra = {}
-        if self.model.uses_token_type_ids and any(s.token_type_ids for s in seqs):
-            extra["token_type_ids"] = torch.tensor(
-                [t for s in seqs for t in (s.token_type_ids or [0] * s.num_prompt_tokens)], dtype=torch.long
-            )
-        hidden = self.model(input_ids, positions, meta, **extra)
-        pooling = PoolingMetadata([s.num_new_tokens for s in scheduled], [s.prompt_token_ids for s in seqs],
-                                  [s.params for s in seqs])
-        return self.model.pooler(hidden, pooling)
+        with self.stats.phase("prepare"):
+            input_ids, positions, meta = self._prepare(scheduled)
+            extra = {}
+            if self.model.uses_token_type_ids and any(s.token_type_ids for s in seqs):
+                extra["token_type_ids"] = torch.tensor(
+                    [t for s in seqs for t in (s.token_type_ids or [0] * s.num_prompt_tokens)], dtype=torch.long
+                )
+            pooling = PoolingMetadata([s.num_new_tokens for s in scheduled], [s.prompt_token_ids for s in seqs],
+                                      [s.params for s in seqs])
+        with self.stats.phase("model"):
+            return self.model.pooler(self.model(input_ids, positions, meta, **extra), pooling)
 
     def _prepare(self, scheduled: list[ScheduledSeq]):
         bs = self.block_size

@@ -163,25 +163,31 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
                      sin_cache: torch.Tensor, head_dim: int, is_neox_style: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotates the first rotary_dim features of each head of q/k [T, heads * head_dim];
     cos/sin caches are [max_position, rotary_dim / 2]. Returns new tensors."""
-    cos = cos_cache[positions].unsqueeze(1)  # [T, 1, rotary_dim / 2]
-    sin = sin_cache[positions].unsqueeze(1)
+    cos = cos_cache[positions].unsqueeze(1).to(q.dtype)  # [T, 1, rotary_dim / 2]
+    sin = sin_cache[positions].unsqueeze(1).to(q.dtype)
+    if is_neox_style:
+        # Built once for q and k: the halves (x1, x2) become x * [cos, cos] + [x2, x1] * [-sin, sin],
+        # the same products and sums as x1 * cos - x2 * sin, x2 * cos + x1 * sin in fewer ops.
+        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
     return _rotate(q, cos, sin, head_dim, is_neox_style), _rotate(k, cos, sin, head_dim, is_neox_style)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int, is_neox_style: bool) -> torch.Tensor:
     # neox style rotates the two halves against each other, gpt-j style interleaved pairs.
     shape = x.shape
-    rotary_dim = cos.shape[-1] * 2
     x = x.view(shape[0], -1, head_dim)
-    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     if is_neox_style:
+        rotary_dim = cos.shape[-1]
+        rot = x[..., :rotary_dim]
         x1, x2 = rot.chunk(2, dim=-1)
-        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        rotated = rot * cos + torch.cat((x2, x1), dim=-1) * sin
     else:
-        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        rotary_dim = cos.shape[-1] * 2
+        x1, x2 = x[..., 0:rotary_dim:2], x[..., 1:rotary_dim:2]
         rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-    return torch.cat((rotated, rest), dim=-1).view(shape)
+    if rotary_dim == head_dim:
+        return rotated.view(shape)
+    return torch.cat((rotated, x[..., rotary_dim:]), dim=-1).view(shape)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

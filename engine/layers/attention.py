@@ -118,6 +118,10 @@ class Attention(nn.Module):
         ops.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         options = dict(sliding_window=self.sliding_window, soft_cap=self.logits_soft_cap,
                        alibi_slopes=self.alibi_slopes)
+        if not meta.prefills:  # decodes only, the batch's rows in order: no scatter into place
+            out = ops.decode_attention(q.contiguous(), self.k_cache, self.v_cache, meta.decode_block_tables,
+                                       meta.decode_context_lens, self.scale, **options)
+            return out.reshape(-1, self.num_heads * self.head_dim)
         out = torch.empty_like(q)
         if meta.decode_token_idx.numel():
             idx = meta.decode_token_idx

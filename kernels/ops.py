@@ -1,8 +1,11 @@
-"""The one dispatch point between the Triton kernels and their torch references.
+"""The one dispatch point between the Triton kernels, the C++ CPU kernels and the torch references.
 
-Each op runs its Triton kernel when the tensors are on CUDA and triton imports, the torch
-reference otherwise. LITMUS_KERNELS=triton|torch forces one; forcing triton with no GPU runs
-the kernels through Triton's interpreter (slow: for tests).
+Each op runs its Triton kernel when the tensors are on CUDA and triton imports. On the CPU the
+backend is "cpp": decode attention runs kernels/cpu's C++ kernel (built on first use; if it
+can't be built, a warning and the reference), every other op its torch reference, which on the
+CPU is already one or a few fused torch calls. LITMUS_KERNELS=triton|cpp|torch forces one;
+forcing triton with no GPU runs the kernels through Triton's interpreter (slow: for tests),
+forcing cpp makes a failed build an error, forcing torch runs only the references.
 """
 from __future__ import annotations
 
@@ -15,19 +18,28 @@ from types import ModuleType
 
 import torch
 
-from kernels import reference
+from kernels import cpu, reference
 
 _ENV = "LITMUS_KERNELS"
 
 
+BACKENDS = ("triton", "cpp", "torch")
+
+
 def backend(x: torch.Tensor) -> str:
-    """"triton" or "torch": which implementation an op on tensor x runs."""
+    """"triton", "cpp" or "torch": which implementation an op on tensor x runs."""
     forced = os.environ.get(_ENV, "").strip().lower()
-    if forced in ("triton", "torch"):
+    if forced in BACKENDS:
         return forced
     if forced:
-        raise ValueError(f"{_ENV}={forced!r}: expected 'triton' or 'torch'")
-    return "triton" if x.is_cuda and triton_available() else "torch"
+        raise ValueError(f"{_ENV}={forced!r}: expected one of {', '.join(BACKENDS)}")
+    if x.is_cuda and triton_available():
+        return "triton"
+    return "cpp" if x.device.type == "cpu" else "torch"
+
+
+def _forced() -> bool:
+    return bool(os.environ.get(_ENV, "").strip())
 
 
 @functools.cache
@@ -79,6 +91,11 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, scale: float, *, sliding_window: int | None = None,
                      soft_cap: float | None = None, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+    chosen = backend(q)
+    if chosen == "cpp" and (_forced() or cpu.available()):
+        cpu.load()  # forced: a failed build raises here
+        return torch.ops.litmus.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                                 sliding_window or 0, soft_cap or 0.0, alibi_slopes)
     return _impl(q).decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
                                      sliding_window, soft_cap, alibi_slopes)
 

@@ -1,5 +1,5 @@
-"""The Triton kernels against their torch references, the references against a naive oracle,
-and the dispatch in kernels.ops.
+"""The Triton kernels and the C++ CPU kernel against their torch references, the references
+against a naive oracle, and the dispatch in kernels.ops.
 
 Where the kernel tests run: without a GPU, Triton runs only through its interpreter, and
 whether it interprets is fixed when triton is first imported (its own tl.sum, tl.max... are
@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.layers.attention import Attention, AttentionMetadata, PrefillChunk, get_alibi_slopes
-from kernels import ops
+from kernels import cpu, ops
 from kernels import reference as ref
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -235,12 +235,12 @@ def test_attention_rejects_wrong_alibi_shape() -> None:
 # ---------------------------------------------------------------- dispatch
 
 
-def test_dispatch_uses_the_reference_for_cpu_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dispatch_uses_the_cpu_kernels_for_cpu_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LITMUS_KERNELS", raising=False)
-    assert ops.backend(torch.zeros(1)) == "torch"
+    assert ops.backend(torch.zeros(1)) == "cpp"
 
 
-@pytest.mark.parametrize("forced", ["torch", "triton", " Triton "])
+@pytest.mark.parametrize("forced", ["torch", "triton", "cpp", " Triton "])
 def test_dispatch_can_be_forced(monkeypatch: pytest.MonkeyPatch, forced: str) -> None:
     monkeypatch.setenv("LITMUS_KERNELS", forced)
     assert ops.backend(torch.zeros(1)) == forced.strip().lower()
@@ -263,6 +263,59 @@ def test_kernels_in_interpreter_subprocess() -> None:
     report = proc.stdout[-8000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, report
     assert " passed" in proc.stdout and " skipped" not in proc.stdout, report
+
+
+# ---------------------------------------------------------------- C++ CPU kernel vs reference
+
+
+def _cpp_decode(args, options):
+    cpu.load()
+    q, k_cache, v_cache, tables, lens, scale = args
+    return torch.ops.litmus.decode_attention(q, k_cache, v_cache, tables, lens, scale, options["sliding_window"] or 0,
+                                             options["soft_cap"] or 0.0, options["alibi_slopes"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(decode_case(), st.sampled_from([8, 20, 64, 80]), st.sampled_from([torch.float32, torch.bfloat16]))
+def test_cpp_decode_attention_matches_reference(c: dict, head_dim: int, dtype: torch.dtype) -> None:
+    # Head dims beyond HEAD_DIMS: below, at and past the kernel's 16-lane dot product, with remainders.
+    args, options = _decode_inputs({**c, "head_dim": head_dim}, dtype)
+    # bfloat16: the kernel rounds once at the end, the reference after its product with v too.
+    tol = 1e-5 if dtype == torch.float32 else 1.6e-2
+    torch.testing.assert_close(_cpp_decode(args, options).float(), ref.decode_attention(*args, **options).float(),
+                               atol=tol, rtol=tol)
+
+
+@settings(max_examples=15, deadline=None)
+@given(decode_case())
+def test_cpp_decode_attention_gives_each_sequence_the_same_bits_in_any_batch(c: dict) -> None:
+    (q, k_cache, v_cache, tables, lens, scale), options = _decode_inputs(c)
+    together = _cpp_decode((q, k_cache, v_cache, tables, lens, scale), options)
+    for i in range(len(lens)):
+        alone = _cpp_decode((q[i:i + 1], k_cache, v_cache, tables[i:i + 1], lens[i:i + 1], scale), options)
+        assert torch.equal(alone, together[i:i + 1])
+
+
+def test_engine_decode_runs_the_cpp_kernel_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LITMUS_KERNELS", raising=False)
+    c = dict(context_lens=[5, 17], num_kv_heads=2, group=2, head_dim=20, block_size=4, head_major=True, seed=3,
+             sliding_window=None, soft_cap=None, alibi=False)
+    args, options = _decode_inputs(c)
+    assert torch.equal(ops.decode_attention(*args, **options), _cpp_decode(args, options))
+    monkeypatch.setenv("LITMUS_KERNELS", "torch")
+    assert torch.equal(ops.decode_attention(*args, **options), ref.decode_attention(*args, **options))
+
+
+def test_cpp_decode_attention_names_bad_input() -> None:
+    c = dict(context_lens=[5], num_kv_heads=2, group=2, head_dim=16, block_size=4, head_major=False, seed=0,
+             sliding_window=None, soft_cap=None, alibi=False)
+    (q, k_cache, v_cache, tables, lens, scale), options = _decode_inputs(c)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        _cpp_decode((q.double(), k_cache, v_cache, tables, lens, scale), options)
+    with pytest.raises(RuntimeError, match="does not match the cache"):
+        _cpp_decode((q[:, :3], k_cache, v_cache, tables, lens, scale), options)
+    with pytest.raises(RuntimeError, match="one slope per query head"):
+        _cpp_decode((q, k_cache, v_cache, tables, lens, scale), {**options, "alibi_slopes": torch.ones(3)})
 
 
 # ---------------------------------------------------------------- Triton kernels vs references

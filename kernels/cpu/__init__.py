@@ -1,0 +1,65 @@
+"""C++ kernels for the CPU (paged_attention.cpp), built with torch's extension builder on first
+use and cached by it (~/.cache/torch_extensions); they register as torch.ops.litmus.*.
+
+The build is compiled for this machine's CPU (-march=native), so its name carries a hash of the
+source, the torch version and the CPU's model and feature flags: a home directory shared by a
+different CPU builds its own copy instead of loading instructions that CPU may lack.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("paged_attention.cpp")
+
+
+class CpuKernelsUnavailable(RuntimeError):
+    """The C++ kernels could not be built here (no compiler, no ninja...)."""
+
+
+def _cpu_signature() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    wanted = ("vendor_id", "model name", "flags")
+    return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in wanted}))
+
+
+def extension_name() -> str:
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), torch.__version__.encode(), _cpu_signature().encode()):
+        digest.update(part)
+    return f"litmus_cpu_{digest.hexdigest()[:16]}"
+
+
+@functools.cache
+def load() -> None:
+    """Builds (or finds built) and loads the kernels; raises CpuKernelsUnavailable if it can't."""
+    from torch.utils import cpp_extension
+
+    # -fopenmp: at::parallel_for is a header template whose threads are OpenMP pragmas, compiled
+    # out (one thread) without it.
+    flags = ["-O3", "-fopenmp"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else [])
+    try:
+        cpp_extension.load(name=extension_name(), sources=[str(SOURCE)], extra_cflags=flags,
+                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    except Exception as exc:  # the builder raises RuntimeError, OSError, CalledProcessError...
+        raise CpuKernelsUnavailable(f"building {SOURCE.name} failed: {exc}") from exc
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernels load; the first failure is warned about once, then the torch
+    reference runs instead."""
+    try:
+        load()
+    except CpuKernelsUnavailable as exc:
+        warnings.warn(f"{exc}; the torch reference runs instead", RuntimeWarning, stacklevel=2)
+        return False
+    return True

@@ -91,9 +91,7 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, scale: float, *, sliding_window: int | None = None,
                      soft_cap: float | None = None, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
-    chosen = backend(q)
-    if chosen == "cpp" and (_forced() or cpu.available()):
-        cpu.load()  # forced: a failed build raises here
+    if backend(q) == "cpp" and cpu.available(required=_forced()):
         return torch.ops.litmus.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
                                                  sliding_window or 0, soft_cap or 0.0, alibi_slopes)
     return _impl(q).decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,

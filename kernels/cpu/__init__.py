@@ -53,13 +53,20 @@ def load() -> None:
         raise CpuKernelsUnavailable(f"building {SOURCE.name} failed: {exc}") from exc
 
 
+def available(required: bool = False) -> bool:
+    """Whether the kernels load. A failure raises when they are required; otherwise it is warned
+    about once, and the torch reference runs instead."""
+    if required:
+        load()
+        return True
+    return _loads()
+
+
 @functools.cache
-def available() -> bool:
-    """Whether the kernels load; the first failure is warned about once, then the torch
-    reference runs instead."""
+def _loads() -> bool:
     try:
         load()
     except CpuKernelsUnavailable as exc:
-        warnings.warn(f"{exc}; the torch reference runs instead", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"{exc}; the torch reference runs instead", RuntimeWarning, stacklevel=3)
         return False
     return True

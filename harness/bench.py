@@ -262,8 +262,8 @@ def make_prompts(w: Workload, count: int | None = None) -> list[list[int]]:
 
 def matmul_peaks_gflops(dtype: torch.dtype, sizes: tuple[int, ...] = (512, 1024),
                         seconds: float = 0.3) -> dict[str, float]:
-    """The best FLOP rate of square matmuls through torch's matmul and through oneDNN with a
-    packed weight (what the engine's linears use; on AMD CPUs the faster of the two), each size
+    """The best FLOP rate of square matmuls through torch's matmul and through the engine's own
+    linear layer (a packed weight: kernels/cpu's GEMM for float32, oneDNN for bfloat16), each size
     tried for about `seconds`. The roofline's ceiling is the larger. Each multiply is short (a
     few ms) so that some run within one scheduler time slice even on a busy machine: the best of
     them is what the cores can do."""
@@ -275,7 +275,7 @@ def matmul_peaks_gflops(dtype: torch.dtype, sizes: tuple[int, ...] = (512, 1024)
         linear = torch.nn.Linear(size, size, bias=False, dtype=dtype)
         candidates = {"torch": lambda: x @ linear.weight.T}
         if pack_linears(linear):
-            candidates["onednn"] = lambda: linear(x)
+            candidates["engine"] = lambda: linear(x)
         with torch.inference_mode():
             for name, matmul in candidates.items():
                 rate = 2 * size ** 3 / _best_seconds(matmul, seconds) / 1e9

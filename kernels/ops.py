@@ -1,11 +1,13 @@
 """The one dispatch point between the Triton kernels, the C++ CPU kernels and the torch references.
 
 Each op runs its Triton kernel when the tensors are on CUDA and triton imports. On the CPU the
-backend is "cpp": decode attention runs kernels/cpu's C++ kernel (built on first use; if it
-can't be built, a warning and the reference), every other op its torch reference, which on the
-CPU is already one or a few fused torch calls. LITMUS_KERNELS=triton|cpp|torch forces one;
-forcing triton with no GPU runs the kernels through Triton's interpreter (slow: for tests),
-forcing cpp makes a failed build an error, forcing torch runs only the references.
+backend is "cpp": kernels/cpu's C++ kernels (built on first use; if they can't be built, a
+warning and the references) for decode attention, the KV cache write, RMSNorm, rotary embedding,
+the gated activations and float32 linear layers (cpu_gemm); prefill attention and top-k/top-p
+run their torch references, there a few large torch calls each. LITMUS_KERNELS=triton|cpp|torch
+forces one: forcing triton with no GPU runs the kernels through Triton's interpreter (slow: for
+tests), forcing cpp makes a failed build an error, forcing torch runs only the references (and
+torch's own matmul for the linear layers).
 """
 from __future__ import annotations
 
@@ -28,18 +30,20 @@ BACKENDS = ("triton", "cpp", "torch")
 
 def backend(x: torch.Tensor) -> str:
     """"triton", "cpp" or "torch": which implementation an op on tensor x runs."""
+    return _selected(x)[0]
+
+
+def _selected(x: torch.Tensor) -> tuple[str, bool]:
+    """The backend for x, and whether LITMUS_KERNELS forced it (one read of the environment: it
+    is consulted by every op of every layer)."""
     forced = os.environ.get(_ENV, "").strip().lower()
     if forced in BACKENDS:
-        return forced
+        return forced, True
     if forced:
         raise ValueError(f"{_ENV}={forced!r}: expected one of {', '.join(BACKENDS)}")
     if x.is_cuda and triton_available():
-        return "triton"
-    return "cpp" if x.device.type == "cpu" else "torch"
-
-
-def _forced() -> bool:
-    return bool(os.environ.get(_ENV, "").strip())
+        return "triton", False
+    return ("cpp" if x.device.type == "cpu" else "torch"), False
 
 
 @functools.cache
@@ -79,19 +83,28 @@ def triton_interpreted() -> bool:
     return isinstance(tl.sum, InterpretedFunction)
 
 
+def _cpp(x: torch.Tensor) -> bool:
+    """Whether an op on x runs its C++ CPU kernel."""
+    name, forced = _selected(x)
+    return name == "cpp" and cpu.available(required=forced)
+
+
 def _impl(x: torch.Tensor) -> ModuleType:
     return triton_kernels() if backend(x) == "triton" else reference
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
-    _impl(k).write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    if _cpp(k):
+        torch.ops.litmus.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    else:
+        _impl(k).write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, scale: float, *, sliding_window: int | None = None,
                      soft_cap: float | None = None, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
-    if backend(q) == "cpp" and cpu.available(required=_forced()):
+    if _cpp(q):
         return torch.ops.litmus.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
                                                  sliding_window or 0, soft_cap or 0.0, alibi_slopes)
     return _impl(q).decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
@@ -112,20 +125,47 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    if weight.dtype == x.dtype and _cpp(x):
+        out, summed = torch.ops.litmus.rms_norm(x, weight, eps, residual)
+        return out if residual is None else (out, summed)
     return _impl(x).rms_norm(x, weight, eps, residual)
 
 
 def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor,
                      sin_cache: torch.Tensor, head_dim: int, is_neox_style: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if cos_cache.dtype == torch.float32 and _cpp(q):
+        q_out, k_out = torch.ops.litmus.rotary_embedding(positions, q.reshape(len(q), -1), k.reshape(len(k), -1),
+                                                         cos_cache, sin_cache, head_dim, is_neox_style)
+        return q_out.view(q.shape), k_out.view(k.shape)
     return _impl(q).rotary_embedding(positions, q, k, cos_cache, sin_cache, head_dim, is_neox_style)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    if _cpp(x):
+        return torch.ops.litmus.silu_and_mul(x)
     return _impl(x).silu_and_mul(x)
 
 
 def gelu_and_mul(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    if _cpp(x):
+        return torch.ops.litmus.gelu_and_mul(x, approximate)
     return _impl(x).gelu_and_mul(x, approximate)
+
+
+def cpu_gemm(x: torch.Tensor) -> bool:
+    """Whether a float32 linear layer on x runs kernels/cpu's GEMM (its weight packed by
+    pack_linear_weight); otherwise torch's own matmul multiplies it (engine/layers/linear.py)."""
+    return x.dtype == torch.float32 and _cpp(x)
+
+
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """float32 weight [out, in] -> the panels ops.linear multiplies by."""
+    return torch.ops.litmus.pack_linear_weight(weight)
+
+
+def linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """x [rows, in] @ W^T + bias, W packed by pack_linear_weight."""
+    return torch.ops.litmus.linear(x, packed_weight, bias, out_features)
 
 
 def top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The Triton kernels and the C++ CPU kernel against their torch references, the references
+"""The Triton kernels and the C++ CPU kernels against their torch references, the references
 against a naive oracle, and the dispatch in kernels.ops.
 
 Where the kernel tests run: without a GPU, Triton runs only through its interpreter, and
@@ -316,6 +316,149 @@ def test_cpp_decode_attention_names_bad_input() -> None:
         _cpp_decode((q[:, :3], k_cache, v_cache, tables, lens, scale), options)
     with pytest.raises(RuntimeError, match="one slope per query head"):
         _cpp_decode((q, k_cache, v_cache, tables, lens, scale), {**options, "alibi_slopes": torch.ones(3)})
+
+
+# ---------------------------------------------------------------- C++ CPU per-token kernels vs references
+
+CPP_DTYPES = st.sampled_from([torch.float32, torch.bfloat16])
+
+
+@pytest.fixture(scope="module")
+def litmus_ops():
+    cpu.load()
+    return torch.ops.litmus
+
+
+def _rows_alone_match(op, x: torch.Tensor, *args) -> None:
+    """op on the whole batch gives each row the bits it gives that row alone (args shaped like x
+    are per-row too)."""
+    together = op(x, *args)
+    together = together if isinstance(together, tuple) else (together,)
+    for i in range(len(x)):
+        alone = op(x[i:i + 1], *(a[i:i + 1] if isinstance(a, torch.Tensor) and a.shape == x.shape else a
+                                 for a in args))
+        for a, t in zip(alone if isinstance(alone, tuple) else (alone,), together):
+            assert a is None or torch.equal(a, t[i:i + 1])
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 9), hidden=st.integers(1, 200), residual=st.booleans(), dtype=CPP_DTYPES,
+       seed=st.integers(0, 2**16))
+def test_cpp_rms_norm_matches_reference(litmus_ops, rows: int, hidden: int, residual: bool, dtype: torch.dtype,
+                                        seed: int) -> None:
+    x = _randn(rows, hidden, seed=seed, dtype=dtype)
+    weight = _randn(hidden, seed=seed + 1, dtype=dtype)
+    res = _randn(rows, hidden, seed=seed + 2, dtype=dtype) if residual else None
+    out, summed = litmus_ops.rms_norm(x, weight, 1e-6, res)
+    expected = ref.rms_norm(x, weight, 1e-6, res)
+    if residual:
+        assert torch.equal(summed, expected[1])  # one rounding of x + residual on both sides
+        expected = expected[0]
+    # float32: the mean of squares is summed in another order (an ulp or two); bfloat16: same roundings.
+    _close(out, expected, torch.float32 if dtype == torch.float32 else torch.float16)
+    _rows_alone_match(litmus_ops.rms_norm, x, weight, 1e-6, res)
+
+
+@settings(max_examples=30, deadline=None)
+@given(num_tokens=st.integers(1, 20), num_heads=st.integers(1, 4), num_kv_heads=st.integers(1, 4),
+       head_dim=st.sampled_from([8, 20, 64]), rotary_fraction=st.sampled_from([1, 2, 4]), neox=st.booleans(),
+       dtype=CPP_DTYPES, seed=st.integers(0, 2**16))
+def test_cpp_rotary_embedding_matches_reference(litmus_ops, num_tokens: int, num_heads: int, num_kv_heads: int,
+                                                head_dim: int, rotary_fraction: int, neox: bool, dtype: torch.dtype,
+                                                seed: int) -> None:
+    rotary_dim = head_dim // rotary_fraction // 2 * 2
+    max_position = 64
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
+    freqs = torch.outer(torch.arange(max_position).float(), inv_freq)
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    qkv = _randn(num_tokens, q_size + 2 * kv_size, seed=seed, dtype=dtype)  # q, k: slices of a fused output
+    q, k = qkv[:, :q_size], qkv[:, q_size:q_size + kv_size]
+    positions = torch.randint(0, max_position, (num_tokens,), generator=torch.Generator().manual_seed(seed))
+    args = (freqs.cos(), freqs.sin(), head_dim, neox)
+    got = litmus_ops.rotary_embedding(positions, q, k, *args)
+    expected = ref.rotary_embedding(positions, q, k, *args)
+    for g, e in zip(got, expected):
+        if dtype == torch.float32:  # the same products and sums, none fused: the same bits
+            assert torch.equal(g, e)
+        else:  # the reference rounds each product to bfloat16, the kernel only the result
+            torch.testing.assert_close(g.float(), e.float(), atol=0.05, rtol=1.6e-2)
+    for i in range(num_tokens):
+        alone = litmus_ops.rotary_embedding(positions[i:i + 1], q[i:i + 1], k[i:i + 1], *args)
+        assert torch.equal(alone[0], got[0][i:i + 1]) and torch.equal(alone[1], got[1][i:i + 1])
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 8), d=st.integers(1, 300), act=st.sampled_from(["silu", "gelu", "gelu_tanh"]),
+       dtype=CPP_DTYPES, seed=st.integers(0, 2**16))
+def test_cpp_gated_activations_match_reference(litmus_ops, rows: int, d: int, act: str, dtype: torch.dtype,
+                                               seed: int) -> None:
+    x = 3 * _randn(rows, 2 * d, seed=seed, dtype=dtype)
+    x[0, 0] = -200.0  # exp's under- and overflow ends: silu(-200) is -0, gelu(-200) is 0
+    x[-1, min(1, d - 1)] = 200.0
+    if act == "silu":
+        op, args = litmus_ops.silu_and_mul, ()
+        expected = ref.silu_and_mul(x)
+    else:
+        approximate = "tanh" if act == "gelu_tanh" else "none"
+        op, args = litmus_ops.gelu_and_mul, (approximate,)
+        expected = ref.gelu_and_mul(x, approximate)
+    _close(op(x, *args), expected, torch.float32 if dtype == torch.float32 else torch.float16)
+    _rows_alone_match(op, x, *args)
+
+
+@settings(max_examples=20, deadline=None)
+@given(num_tokens=st.integers(1, 40), num_kv_heads=st.integers(1, 4), head_dim=st.sampled_from([8, 20, 64]),
+       block_size=BLOCK_SIZES, head_major=st.booleans(), dtype=CPP_DTYPES, seed=st.integers(0, 2**16))
+def test_cpp_write_kv_cache_matches_reference(litmus_ops, num_tokens: int, num_kv_heads: int, head_dim: int,
+                                              block_size: int, head_major: bool, dtype: torch.dtype,
+                                              seed: int) -> None:
+    num_blocks = -(-num_tokens // block_size) + 3
+    kv = _randn(num_tokens, 3 * num_kv_heads * head_dim, seed=seed, dtype=dtype)
+    k = kv[:, :num_kv_heads * head_dim].view(num_tokens, num_kv_heads, head_dim)
+    v = kv[:, num_kv_heads * head_dim:2 * num_kv_heads * head_dim].view(num_tokens, num_kv_heads, head_dim)
+    slots = torch.randperm(num_blocks * block_size, generator=torch.Generator().manual_seed(seed))[:num_tokens]
+    caches = [_kv_cache((num_blocks, block_size, num_kv_heads, head_dim), seed + i, head_major=head_major).to(dtype)
+              for i in (1, 2)]
+    expected = [c.clone() for c in caches]
+    litmus_ops.write_kv_cache(k, v, *caches, slots)
+    ref.write_kv_cache(k, v, *expected, slots)
+    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+
+
+def test_cpp_per_token_kernels_name_bad_input(litmus_ops) -> None:
+    x = torch.randn(3, 8)
+    with pytest.raises(RuntimeError, match="weight has shape"):
+        litmus_ops.rms_norm(x, torch.ones(7), 1e-6, None)
+    with pytest.raises(RuntimeError, match="residual must match"):
+        litmus_ops.rms_norm(x, torch.ones(8), 1e-6, torch.randn(2, 8))
+    with pytest.raises(RuntimeError, match="position 9 is outside"):
+        litmus_ops.rotary_embedding(torch.tensor([0, 9, 1]), x, x, torch.ones(9, 2), torch.ones(9, 2), 4, True)
+    with pytest.raises(RuntimeError, match=r"not \[gate \| up\]"):
+        litmus_ops.silu_and_mul(torch.randn(2, 5))
+    with pytest.raises(RuntimeError, match="approximate must be"):
+        litmus_ops.gelu_and_mul(x, "fast")
+    k_cache = torch.zeros(2, 4, 1, 8)
+    before = k_cache.clone()
+    with pytest.raises(RuntimeError, match="slot 8 is outside"):  # checked before anything is written
+        litmus_ops.write_kv_cache(x.view(3, 1, 8), x.view(3, 1, 8), k_cache, k_cache.clone(), torch.tensor([0, 8, 1]))
+    assert torch.equal(k_cache, before)
+
+
+def test_engine_ops_run_the_cpp_kernels_by_default(monkeypatch: pytest.MonkeyPatch, litmus_ops) -> None:
+    x, weight, residual = torch.randn(3, 40), torch.randn(40), torch.randn(3, 40)
+    cos, sin = torch.randn(10, 4), torch.randn(10, 4)
+    positions = torch.tensor([1, 5, 9])
+    monkeypatch.delenv("LITMUS_KERNELS", raising=False)
+    assert all(torch.equal(a, b) for a, b in zip(ops.rms_norm(x, weight, 1e-6, residual),
+                                                 litmus_ops.rms_norm(x, weight, 1e-6, residual)))
+    assert torch.equal(ops.silu_and_mul(x), litmus_ops.silu_and_mul(x))
+    assert torch.equal(ops.gelu_and_mul(x, "tanh"), litmus_ops.gelu_and_mul(x, "tanh"))
+    assert all(torch.equal(a, b) for a, b in zip(ops.rotary_embedding(positions, x, x, cos, sin, 8, True),
+                                                 litmus_ops.rotary_embedding(positions, x, x, cos, sin, 8, True)))
+    monkeypatch.setenv("LITMUS_KERNELS", "torch")
+    assert all(torch.equal(a, b) for a, b in zip(ops.rms_norm(x, weight, 1e-6, residual),
+                                                 ref.rms_norm(x, weight, 1e-6, residual)))
+    assert torch.equal(ops.silu_and_mul(x), ref.silu_and_mul(x))
 
 
 # ---------------------------------------------------------------- Triton kernels vs references

@@ -1,11 +1,13 @@
-"""engine/layers/linear.py: nn.Linear through oneDNN with packed weights, against nn.Linear itself."""
+"""engine/layers/linear.py: nn.Linear with packed weights (kernels/cpu's GEMM for float32, oneDNN for
+bfloat16 and without the C++ kernels), against nn.Linear itself."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from engine.layers.linear import OneDnnLinear, pack_linears
+from engine.layers.linear import PackedLinear, pack_linears
+from kernels import cpu, ops
 
 pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),
@@ -18,21 +20,48 @@ def _pair(in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -
     plain = nn.Linear(in_features, out_features, bias=bias).to(dtype)
     packed = nn.Linear(in_features, out_features, bias=bias).to(dtype)
     packed.load_state_dict(plain.state_dict())
-    assert pack_linears(packed) == 1 and isinstance(packed, OneDnnLinear)
+    assert pack_linears(packed) == 1 and isinstance(packed, PackedLinear)
     return plain, packed
 
 
+@pytest.mark.parametrize("kernels", ["cpp", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", [(1, 40), (7, 40), (2, 3, 40)])
-def test_packed_linear_matches_nn_linear(dtype: torch.dtype, bias: bool, shape: tuple[int, ...]) -> None:
-    plain, packed = _pair(40, 24, bias, dtype)
+@pytest.mark.parametrize("shape,out_features", [((1, 40), 24), ((7, 40), 24), ((2, 3, 40), 24), ((30, 40), 70),
+                                                ((300, 40), 33)])
+def test_packed_linear_matches_nn_linear(monkeypatch: pytest.MonkeyPatch, kernels: str, dtype: torch.dtype,
+                                         bias: bool, shape: tuple[int, ...], out_features: int) -> None:
+    # Rows past one 6-row tile and one 256-row chunk; features past one 64-wide panel, and short of one.
+    monkeypatch.setenv("LITMUS_KERNELS", kernels)
+    plain, packed = _pair(40, out_features, bias, dtype)
     x = torch.randn(shape).to(dtype)
     with torch.inference_mode():
         got, expected = packed(x), plain(x)
     assert got.shape == expected.shape and got.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=tol)
+
+
+def test_float32_rows_get_the_same_bits_alone_and_in_any_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LITMUS_KERNELS", raising=False)
+    _, packed = _pair(96, 80, True, torch.float32)
+    x = torch.randn(40, 96)
+    with torch.inference_mode():
+        together = packed(x)
+        for rows in (slice(0, 1), slice(3, 4), slice(5, 17), slice(13, 40)):
+            assert torch.equal(packed(x[rows]), together[rows])
+
+
+def test_gemm_names_bad_input() -> None:
+    cpu.load()
+    weight = torch.randn(24, 40)
+    packed = ops.pack_linear_weight(weight)
+    with pytest.raises(RuntimeError, match="does not match input"):
+        ops.linear(torch.randn(3, 41), packed, None, 24)
+    with pytest.raises(RuntimeError, match="bias must be float32"):
+        ops.linear(torch.randn(3, 40), packed, torch.zeros(23), 24)
+    with pytest.raises(RuntimeError, match="expected a float32 CPU weight"):
+        ops.pack_linear_weight(weight.double())
 
 
 def test_non_contiguous_input() -> None:
@@ -75,7 +104,7 @@ def test_pack_linears_converts_float32_and_bfloat16_linears_only() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4).to(torch.bfloat16), nn.Linear(4, 4).double(),
                           nn.Embedding(5, 4))
     assert pack_linears(model) == 2
-    assert [type(m) for m in model] == [OneDnnLinear, OneDnnLinear, nn.Linear, nn.Embedding]
+    assert [type(m) for m in model] == [PackedLinear, PackedLinear, nn.Linear, nn.Embedding]
     assert pack_linears(model) == 0  # already converted
 
 

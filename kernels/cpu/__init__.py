@@ -1,5 +1,6 @@
-"""C++ kernels for the CPU (paged_attention.cpp), built with torch's extension builder on first
-use and cached by it (~/.cache/torch_extensions); they register as torch.ops.litmus.*.
+"""C++ kernels for the CPU (paged_attention.cpp, elementwise.cpp, linear.cpp), built with
+torch's extension builder on first use and cached by it (~/.cache/torch_extensions); they
+register as torch.ops.litmus.*.
 
 The build is compiled for this machine's CPU (-march=native), so its name carries a hash of the
 source, the torch version and the CPU's model and feature flags: a home directory shared by a
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("paged_attention.cpp")
+DIRECTORY = Path(__file__).parent
+SOURCES = sorted(DIRECTORY.glob("*.cpp"))
 
 
 class CpuKernelsUnavailable(RuntimeError):
@@ -33,7 +35,8 @@ def _cpu_signature() -> str:
 
 def extension_name() -> str:
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), _cpu_signature().encode()):
+    code = [path.read_bytes() for path in SOURCES + sorted(DIRECTORY.glob("*.h"))]
+    for part in (*code, torch.__version__.encode(), _cpu_signature().encode()):
         digest.update(part)
     return f"litmus_cpu_{digest.hexdigest()[:16]}"
 
@@ -47,10 +50,10 @@ def load() -> None:
     # out (one thread) without it.
     flags = ["-O3", "-fopenmp"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else [])
     try:
-        cpp_extension.load(name=extension_name(), sources=[str(SOURCE)], extra_cflags=flags,
+        cpp_extension.load(name=extension_name(), sources=[str(path) for path in SOURCES], extra_cflags=flags,
                            extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as exc:  # the builder raises RuntimeError, OSError, CalledProcessError...
-        raise CpuKernelsUnavailable(f"building {SOURCE.name} failed: {exc}") from exc
+        raise CpuKernelsUnavailable(f"building the C++ kernels in {DIRECTORY} failed: {exc}") from exc
 
 
 def available(required: bool = False) -> bool:

@@ -9,61 +9,61 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "vec.h"
+
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <vector>
 
 namespace {
 
-constexpr int64_t kLanes = 16;
-// 16 floats as one value: GCC/Clang compile its arithmetic to the widest SIMD registers that
-// -march allows, so the loops below are vectorized by construction, not by the optimizer's guess.
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+using litmus::kLanes;
+using litmus::load_vec;
+using litmus::store_vec;
+using litmus::sum;
+using litmus::Vec;
 
-template <typename scalar_t>
-inline Vec load_vec(const scalar_t* p) {
-  Vec v;
-  for (int64_t l = 0; l < kLanes; ++l) v[l] = static_cast<float>(p[l]);
-  return v;
-}
-
-template <>
-inline Vec load_vec<float>(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline void store_vec(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
-
-// Summed pairwise, as the lanes were accumulated independently.
-inline float sum(Vec v) {
-  float lanes[kLanes];
-  store_vec(lanes, v);
-  for (int64_t width = kLanes / 2; width > 0; width /= 2) {
-    for (int64_t l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+// Lane j of the result is sum(a[j]), added in the same pairwise order as sum(): lane l with
+// l + 8, then l + 4, l + 2, l + 1. Sixteen horizontal sums in 15 vector adds instead of 16 x 15
+// scalar ones; the score loop was mostly these.
+inline Vec sum16(const Vec* a) {
+  Vec b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i) {
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
   }
-  return lanes[0];
+  for (int i = 0; i < 4; ++i) {
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 2; ++i) {
+    d[i] = __builtin_shufflevector(c[2 * i], c[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(c[2 * i], c[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  }
+  return __builtin_shufflevector(d[0], d[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
+// The dot products of q with n <= 16 key rows (row j at key + j * stride), lane j for row j;
+// lanes past n are 0.
 template <typename scalar_t>
-inline float dot(const float* q, const scalar_t* k, int64_t n) {
-  Vec acc = {};
-  int64_t d = 0;
-  for (; d + kLanes <= n; d += kLanes) acc += load_vec(q + d) * load_vec(k + d);
-  float rest = 0.f;
-  for (; d < n; ++d) rest += q[d] * static_cast<float>(k[d]);
-  return sum(acc) + rest;
-}
-
-// a += p * v over n elements.
-template <typename scalar_t>
-inline void axpy(float* a, float p, const scalar_t* v, int64_t n) {
-  int64_t d = 0;
-  for (; d + kLanes <= n; d += kLanes) store_vec(a + d, load_vec(a + d) + p * load_vec(v + d));
-  for (; d < n; ++d) a[d] += p * static_cast<float>(v[d]);
+inline Vec dots(const float* q, const scalar_t* key, int64_t stride, int64_t n, int64_t head_dim) {
+  const int64_t full = head_dim / kLanes * kLanes;
+  Vec acc[kLanes] = {};
+  for (int64_t j = 0; j < n; ++j) {
+    const scalar_t* row = key + j * stride;
+    for (int64_t d = 0; d < full; d += kLanes) acc[j] += load_vec(q + d) * load_vec(row + d);
+  }
+  Vec out = sum16(acc);
+  if (full < head_dim) {
+    for (int64_t j = 0; j < n; ++j) {
+      float rest = 0.f;
+      for (int64_t d = full; d < head_dim; ++d) rest += q[d] * static_cast<float>(key[j * stride + d]);
+      out[j] += rest;
+    }
+  }
+  return out;
 }
 
 template <typename scalar_t>
@@ -73,6 +73,7 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
   const int64_t group = num_heads / num_kv_heads, table_width = block_tables.size(1);
+  const int64_t full = head_dim / kLanes * kLanes;
   const auto ks = k_cache.strides();
   const auto vs = v_cache.strides();
   const scalar_t* q_ptr = q.data_ptr<scalar_t>();
@@ -83,10 +84,11 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   const float* slope_ptr = slopes.defined() ? slopes.data_ptr<float>() : nullptr;
   const int64_t max_len = num_seqs ? *std::max_element(lens, lens + num_seqs) : 0;
+  // Scores are stored 16 at a time, so each head's row is padded to a multiple of 16.
+  const int64_t padded = (std::max<int64_t>(max_len, 1) + kLanes - 1) / kLanes * kLanes + kLanes;
 
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> query(group * head_dim), scores(group * std::max<int64_t>(max_len, 1)),
-        acc(group * head_dim);
+    std::vector<float> query(group * head_dim), scores(group * padded), acc(group * head_dim);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t seq = item / num_kv_heads, kv_head = item % num_kv_heads;
       const int64_t len = lens[seq], q_pos = len - 1;
@@ -98,29 +100,58 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
         const scalar_t* row = q_ptr + (seq * num_heads + kv_head * group + g) * head_dim;
         for (int64_t d = 0; d < head_dim; ++d) query[g * head_dim + d] = static_cast<float>(row[d]);
       }
-      for (int64_t t = first; t < len; ++t) {
-        const scalar_t* key = k_ptr + table[t / block_size] * ks[0] + (t % block_size) * ks[1] + kv_head * ks[2];
+      // Runs of up to 16 consecutive tokens within one block: rows at a fixed stride.
+      for (int64_t t = first; t < len;) {
+        const int64_t offset = t % block_size, n = std::min({kLanes, block_size - offset, len - t});
+        const scalar_t* key = k_ptr + table[t / block_size] * ks[0] + offset * ks[1] + kv_head * ks[2];
         for (int64_t g = 0; g < group; ++g) {
-          float x = dot(query.data() + g * head_dim, key, head_dim) * static_cast<float>(scale);
-          if (soft_cap > 0) x = std::tanh(x / static_cast<float>(soft_cap)) * static_cast<float>(soft_cap);
-          if (slope_ptr) x += slope_ptr[kv_head * group + g] * static_cast<float>(t - q_pos);
-          scores[g * count + t - first] = x;
+          const Vec x = dots(query.data() + g * head_dim, key, ks[1], n, head_dim) * static_cast<float>(scale);
+          float lanes[kLanes];
+          store_vec(lanes, x);
+          float* p = scores.data() + g * padded + t - first;
+          for (int64_t j = 0; j < n; ++j) {
+            float s = lanes[j];
+            if (soft_cap > 0) s = std::tanh(s / static_cast<float>(soft_cap)) * static_cast<float>(soft_cap);
+            if (slope_ptr) s += slope_ptr[kv_head * group + g] * static_cast<float>(t + j - q_pos);
+            p[j] = s;
+          }
         }
+        t += n;
       }
       for (int64_t g = 0; g < group; ++g) {
-        float* p = scores.data() + g * count;
+        float* p = scores.data() + g * padded;
         const float top = *std::max_element(p, p + count);
-        float total = 0.f;
-        for (int64_t i = 0; i < count; ++i) total += (p[i] = std::exp(p[i] - top));
+        Vec total = {};
+        int64_t i = 0;
+        for (; i + kLanes <= count; i += kLanes) {
+          const Vec e = litmus::exp(load_vec(p + i) - top);
+          store_vec(p + i, e);
+          total += e;
+        }
+        float rest = 0.f;
+        for (; i < count; ++i) rest += (p[i] = std::exp(p[i] - top));
+        const float norm = sum(total) + rest;
         // Probabilities rounded to the cache's dtype before the product with v, as the reference does.
-        for (int64_t i = 0; i < count; ++i) p[i] = static_cast<float>(static_cast<scalar_t>(p[i] / total));
+        for (i = 0; i < count; ++i) p[i] = static_cast<float>(static_cast<scalar_t>(p[i] / norm));
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = first; t < len; ++t) {
-        const scalar_t* value = v_ptr + table[t / block_size] * vs[0] + (t % block_size) * vs[1] + kv_head * vs[2];
+      for (int64_t t = first; t < len;) {
+        const int64_t offset = t % block_size, n = std::min({kLanes, block_size - offset, len - t});
+        const scalar_t* value = v_ptr + table[t / block_size] * vs[0] + offset * vs[1] + kv_head * vs[2];
         for (int64_t g = 0; g < group; ++g) {
-          axpy(acc.data() + g * head_dim, scores[g * count + t - first], value, head_dim);
+          const float* p = scores.data() + g * padded + t - first;
+          float* a = acc.data() + g * head_dim;
+          // Each output chunk stays in a register over the run's rows.
+          for (int64_t d = 0; d < full; d += kLanes) {
+            Vec sum_d = load_vec(a + d);
+            for (int64_t j = 0; j < n; ++j) sum_d += p[j] * load_vec(value + j * vs[1] + d);
+            store_vec(a + d, sum_d);
+          }
+          for (int64_t d = full; d < head_dim; ++d) {
+            for (int64_t j = 0; j < n; ++j) a[d] += p[j] * static_cast<float>(value[j * vs[1] + d]);
+          }
         }
+        t += n;
       }
       for (int64_t g = 0; g < group; ++g) {
         scalar_t* row = out_ptr + (seq * num_heads + kv_head * group + g) * head_dim;

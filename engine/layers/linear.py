@@ -1,11 +1,12 @@
 """nn.Linear on the CPU with each weight packed once for the kernel that multiplies by it.
 
 float32 runs kernels/cpu's GEMM (kernels.ops.cpu_gemm): every row's result is computed the same
-way whatever the batch, so a sequence's logits do not depend on its partners, and measured on
-this project's 2-core Xeon with SmolLM2-135M's shapes (weights streamed from memory, as in a
-decode step) it was ~5-10 % faster than oneDNN and MKL at 64 rows and ~10 % at one row, where
-MKL had been the fastest. Without the C++ kernels (LITMUS_KERNELS=torch, no compiler) float32
-falls back to oneDNN, except a single row on Intel CPUs, which MKL multiplies 1.4-1.9x faster.
+way whatever the batch, so a sequence's logits do not depend on its partners. Measured on this
+project's 2-core Xeon with SmolLM2-135M's shapes (weights streamed from memory, as in a decode
+step, interleaved runs): level with oneDNN at 64 rows, ~10-15 % faster than MKL at one row
+(where MKL had been the fastest), 14 % behind oneDNN at 2048 rows (prefill). Without the C++
+kernels (LITMUS_KERNELS=torch, no compiler) float32 falls back to oneDNN, except a single row
+on Intel CPUs, which MKL multiplies 1.4-1.9x faster.
 
 bfloat16 runs oneDNN with a weight reordered ahead of time into its blocked layout (not
 re-packed on every call): on the 2-core AMD EPYC 1.9x faster than torch's matmul at batch 1,

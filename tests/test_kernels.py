@@ -355,7 +355,7 @@ def test_cpp_rms_norm_matches_reference(litmus_ops, rows: int, hidden: int, resi
         assert torch.equal(summed, expected[1])  # one rounding of x + residual on both sides
         expected = expected[0]
     # float32: the mean of squares is summed in another order (an ulp or two); bfloat16: same roundings.
-    _close(out, expected, torch.float32 if dtype == torch.float32 else torch.float16)
+    _close(out, expected, dtype)
     _rows_alone_match(litmus_ops.rms_norm, x, weight, 1e-6, res)
 
 
@@ -402,7 +402,7 @@ def test_cpp_gated_activations_match_reference(litmus_ops, rows: int, d: int, ac
         approximate = "tanh" if act == "gelu_tanh" else "none"
         op, args = litmus_ops.gelu_and_mul, (approximate,)
         expected = ref.gelu_and_mul(x, approximate)
-    _close(op(x, *args), expected, torch.float32 if dtype == torch.float32 else torch.float16)
+    _close(op(x, *args), expected, dtype)
     _rows_alone_match(op, x, *args)
 
 

@@ -15,14 +15,13 @@ re-packed on every call): on the 2-core AMD EPYC 1.9x faster than torch's matmul
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from kernels import ops
+from kernels import cpu, ops
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 # weight -> (its version counter when packed, which kernel it was packed for, the packed copy).
@@ -47,11 +46,7 @@ def packed_weight(weight: torch.Tensor, gemm: bool) -> torch.Tensor:
 @functools.cache
 def mkl_runs_single_rows() -> bool:
     """Whether this CPU is Intel's, where MKL beats oneDNN on float32 single-row products."""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "GenuineIntel" in cpuinfo and torch.backends.mkl.is_available()
+    return "GenuineIntel" in cpu.cpuinfo() and torch.backends.mkl.is_available()
 
 
 class PackedLinear(nn.Linear):

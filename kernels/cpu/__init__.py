@@ -24,13 +24,19 @@ class CpuKernelsUnavailable(RuntimeError):
     """The C++ kernels could not be built here (no compiler, no ninja...)."""
 
 
-def _cpu_signature() -> str:
+@functools.cache
+def cpuinfo() -> str:
+    """/proc/cpuinfo, or "" where there is none."""
     try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        return platform.processor() or platform.machine()
+        return ""
+
+
+def _cpu_signature() -> str:
     wanted = ("vendor_id", "model name", "flags")
-    return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in wanted}))
+    lines = {line for line in cpuinfo().splitlines() if line.split(":")[0].strip() in wanted}
+    return "\n".join(sorted(lines)) or platform.processor() or platform.machine()
 
 
 def extension_name() -> str:

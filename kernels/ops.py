@@ -168,5 +168,12 @@ def linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.litmus.linear(x, packed_weight, bias, out_features)
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits [N, V] -> [N] int64: torch.argmax(dim=-1)'s answer (first maximum; NaN is the maximum)."""
+    if logits.dtype == torch.float32 and logits.dim() == 2 and logits.shape[1] and _cpp(logits):
+        return torch.ops.litmus.argmax_rows(logits)
+    return logits.argmax(dim=-1)
+
+
 def top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return _impl(logits).top_k_top_p(logits, top_k, top_p)

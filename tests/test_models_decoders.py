@@ -6,7 +6,8 @@
 - Each zoo recipe exercises its architecture's distinctive feature: switching the feature off in
   the engine moves the output off Transformers'.
 - The shared layers equal Transformers' own modules.
-- Loading names a missing or misshapen tensor by its checkpoint name, and refuses by name the
+- Loading names a missing or misshapen tensor by its checkpoint name (parameters are built
+  without the random fill, which loading overwrites), and refuses by name the
   variants the engine does not implement.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ from engine.layers.rotary import rope_inv_freq
 from engine.llm import LLM
 from engine.loader import WeightsError
 from engine.models.stablelm import StableLmLayerNormPerHead
+from engine.models.utils import built_for_loading
 from harness.compare import ComparisonError, check_logprobs_close
 from harness.runners import EngineRunner, HfRunner, TokensTextLogprobs
 from harness.zoo import synthetic
@@ -293,6 +295,19 @@ def _edited_copy(name: str, tmp_path: Path, edit: Callable[[dict[str, torch.Tens
     edit(tensors)
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     return str(tmp_path)
+
+
+def test_modules_built_for_loading_skip_the_random_fill_only_inside() -> None:
+    originals = {name: getattr(nn.init, name) for name in ("normal_", "kaiming_uniform_", "uniform_")}
+    ones = torch.ones(3, 3)
+    with pytest.raises(RuntimeError, match="constructor failed"), built_for_loading(torch.device("cpu")):
+        nn.init.normal_(ones)
+        nn.init.kaiming_uniform_(ones)
+        assert torch.equal(ones, torch.ones(3, 3))  # the fill is the loader's, not the constructor's
+        raise RuntimeError("constructor failed")
+    assert {name: getattr(nn.init, name) for name in originals} == originals
+    nn.init.normal_(ones)
+    assert not torch.equal(ones, torch.ones(3, 3))
 
 
 def test_missing_tensor_is_named_as_in_the_checkpoint(tmp_path: Path) -> None:

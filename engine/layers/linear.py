@@ -3,8 +3,8 @@
 float32 runs kernels/cpu's GEMM (kernels.ops.cpu_gemm): every row's result is computed the same
 way whatever the batch, so a sequence's logits do not depend on its partners. Measured on this
 project's 2-core Xeon with SmolLM2-135M's shapes (weights streamed from memory, as in a decode
-step, interleaved runs): level with oneDNN at 64 rows, ~10-15 % faster than MKL at one row
-(where MKL had been the fastest), 14 % behind oneDNN at 2048 rows (prefill). Without the C++
+step, interleaved runs): 10-17 % faster than oneDNN at 64 rows, ~10-15 % faster than MKL at one row
+(where MKL had been the fastest), 14-16 % behind oneDNN at 2048 rows (prefill). Without the C++
 kernels (LITMUS_KERNELS=torch, no compiler) float32 falls back to oneDNN, except a single row
 on Intel CPUs, which MKL multiplies 1.4-1.9x faster.
 

@@ -85,7 +85,7 @@ def sample(logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
                 logits[row, banned] = float("-inf")
     if b.penalty_token_counts is not None:
         logits = apply_penalties(logits, b)
-    token_ids = logits.argmax(dim=-1)
+    token_ids = ops.argmax(logits)
     if not b.all_greedy:
         token_ids = torch.where(b.temperature == 0, token_ids, _random_sample(logits, b))
     out_logprobs: list = [None] * len(b.num_logprobs)
@@ -110,4 +110,4 @@ def _random_sample(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
             noise[row].fill_(1.0)
         else:
             noise[row].exponential_(generator=gen)
-    return (probs / noise).argmax(dim=-1)
+    return ops.argmax(probs / noise)

@@ -23,6 +23,7 @@ from engine.layers.attention import AttentionMetadata
 from engine.layers.pooler import Pooler, PoolingType
 from engine.loader import iter_weights
 from engine.models.registry import ModelImpl, get_model_impl
+from engine.models.utils import built_for_loading
 
 if TYPE_CHECKING:
     from engine.config import EngineConfig
@@ -100,7 +101,7 @@ def default_pooling_type(impl: ModelImpl) -> PoolingType:
 
 def load_pooling_model(config: EngineConfig) -> nn.Module:
     _, impl = get_model_impl(config.hf_config.architectures)
-    with torch.device(config.device):
+    with built_for_loading(config.device):
         model = impl.load_class()(config.hf_config)
         if is_decoder(impl):
             model = DecoderPoolingModel(model, impl, config.task, config.hf_config)

@@ -1,7 +1,8 @@
 """Loading checkpoint tensors into engine modules whose parameters may fuse several HF ones."""
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,27 @@ class Packed:
     fused: str
     part: str
     shard: int
+
+
+# The torch.nn.init functions that modules' constructors call to fill their parameters.
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
+                   "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
+
+
+@contextmanager
+def built_for_loading(device: torch.device) -> Iterator[None]:
+    """Modules constructed here get their parameters allocated on `device` but not initialised:
+    load_weights overwrites every parameter or raises, so the random fill was wasted work (1.4 s
+    of a 2.9 s engine start for SmolLM2-135M)."""
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+    try:
+        for name in _INIT_FUNCTIONS:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        with torch.device(device):
+            yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
 
 
 def fused_linear(in_features: int, shard_sizes: list[int], bias: bool) -> nn.Linear:

@@ -17,6 +17,7 @@ from engine.layers.pooler import PoolingMetadata
 from engine.layers.sampler import SamplerOutput, SamplingBatch, compute_logprobs_info, sample
 from engine.loader import iter_weights
 from engine.models.registry import get_model_impl, resolve_model_impl
+from engine.models.utils import built_for_loading
 from engine.stats import StepStats
 
 # Prompt rows scored per LM-head call: a full-vocabulary log-softmax row is large (Gemma 3's
@@ -51,7 +52,7 @@ def load_model(config: EngineConfig) -> nn.Module:
 
         return load_transformers_model(config)
     _, impl = get_model_impl(config.hf_config.architectures)
-    with torch.device(config.device):
+    with built_for_loading(config.device):
         model = impl.load_class()(config.hf_config)
     model.load_weights(iter_weights(config.source))
     return model.to(dtype=config.dtype).eval()

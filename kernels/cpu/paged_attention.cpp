@@ -66,6 +66,13 @@ inline Vec dots(const float* q, const scalar_t* key, int64_t stride, int64_t n, 
   return out;
 }
 
+// Requests a row of `bytes` into L2.
+inline void prefetch_row(const void* row, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(row) + b, 0, 2);
+}
+
+constexpr int64_t kAhead = 32;  // tokens of keys prefetched ahead of the one being scored
+
 template <typename scalar_t>
 void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
             const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
@@ -86,15 +93,19 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   const int64_t max_len = num_seqs ? *std::max_element(lens, lens + num_seqs) : 0;
   // Scores are stored 16 at a time, so each head's row is padded to a multiple of 16.
   const int64_t padded = (std::max<int64_t>(max_len, 1) + kLanes - 1) / kLanes * kLanes + kLanes;
+  const int64_t row_bytes = head_dim * sizeof(scalar_t);
+  // HF's window: a token sees itself and the sliding_window - 1 tokens before it.
+  auto first_of = [&](int64_t len) { return sliding_window > 0 ? std::max<int64_t>(0, len - sliding_window) : 0; };
+  // Token t's row of a KV head in a cache, through the sequence's block table.
+  auto row_of = [&](const scalar_t* cache, c10::IntArrayRef strides, const int64_t* table, int64_t head, int64_t t) {
+    return cache + table[t / block_size] * strides[0] + (t % block_size) * strides[1] + head * strides[2];
+  };
 
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> query(group * head_dim), scores(group * padded), acc(group * head_dim);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t seq = item / num_kv_heads, kv_head = item % num_kv_heads;
-      const int64_t len = lens[seq], q_pos = len - 1;
-      // HF's window: a token sees itself and the sliding_window - 1 tokens before it.
-      const int64_t first = sliding_window > 0 ? std::max<int64_t>(0, q_pos - sliding_window + 1) : 0;
-      const int64_t count = len - first;
+      const int64_t len = lens[seq], q_pos = len - 1, first = first_of(len), count = len - first;
       const int64_t* table = tables + seq * table_width;
       for (int64_t g = 0; g < group; ++g) {
         const scalar_t* row = q_ptr + (seq * num_heads + kv_head * group + g) * head_dim;
@@ -103,7 +114,13 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
       // Runs of up to 16 consecutive tokens within one block: rows at a fixed stride.
       for (int64_t t = first; t < len;) {
         const int64_t offset = t % block_size, n = std::min({kLanes, block_size - offset, len - t});
-        const scalar_t* key = k_ptr + table[t / block_size] * ks[0] + offset * ks[1] + kv_head * ks[2];
+        const scalar_t* key = row_of(k_ptr, ks, table, kv_head, t);
+        // Blocks lie anywhere in the cache, each a few KB, too short for the hardware prefetcher:
+        // this run's values (read after the softmax) and the keys kAhead tokens on are requested now.
+        for (int64_t u = t; u < t + n; ++u) prefetch_row(row_of(v_ptr, vs, table, kv_head, u), row_bytes);
+        for (int64_t u = t + kAhead; u < std::min(t + n + kAhead, len); ++u) {
+          prefetch_row(row_of(k_ptr, ks, table, kv_head, u), row_bytes);
+        }
         for (int64_t g = 0; g < group; ++g) {
           const Vec x = dots(query.data() + g * head_dim, key, ks[1], n, head_dim) * static_cast<float>(scale);
           float lanes[kLanes];
@@ -117,6 +134,12 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
           }
         }
         t += n;
+      }
+      if (item + 1 < end) {  // the next item's first keys, while this one's softmax and values run
+        const int64_t next_seq = (item + 1) / num_kv_heads, next_len = lens[next_seq], next_first = first_of(next_len);
+        for (int64_t u = next_first; u < std::min(next_first + kAhead, next_len); ++u) {
+          prefetch_row(row_of(k_ptr, ks, tables + next_seq * table_width, (item + 1) % num_kv_heads, u), row_bytes);
+        }
       }
       for (int64_t g = 0; g < group; ++g) {
         float* p = scores.data() + g * padded;
@@ -132,17 +155,37 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
         for (; i < count; ++i) rest += (p[i] = std::exp(p[i] - top));
         const float norm = sum(total) + rest;
         // Probabilities rounded to the cache's dtype before the product with v, as the reference does.
-        for (i = 0; i < count; ++i) p[i] = static_cast<float>(static_cast<scalar_t>(p[i] / norm));
+        const Vec norms = Vec{} + norm;
+        for (i = 0; i + kLanes <= count; i += kLanes) store_vec(p + i, litmus::round_to<scalar_t>(load_vec(p + i) / norms));
+        for (; i < count; ++i) p[i] = static_cast<float>(static_cast<scalar_t>(p[i] / norm));
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = first; t < len;) {
         const int64_t offset = t % block_size, n = std::min({kLanes, block_size - offset, len - t});
-        const scalar_t* value = v_ptr + table[t / block_size] * vs[0] + offset * vs[1] + kv_head * vs[2];
+        const scalar_t* value = row_of(v_ptr, vs, table, kv_head, t);
         for (int64_t g = 0; g < group; ++g) {
           const float* p = scores.data() + g * padded + t - first;
           float* a = acc.data() + g * head_dim;
-          // Each output chunk stays in a register over the run's rows.
-          for (int64_t d = 0; d < full; d += kLanes) {
+          // Each output chunk stays in a register over the run's rows, four chunks at a time so that
+          // four independent chains of multiply-adds overlap.
+          int64_t d = 0;
+          for (; d + 4 * kLanes <= full; d += 4 * kLanes) {
+            Vec s0 = load_vec(a + d), s1 = load_vec(a + d + kLanes), s2 = load_vec(a + d + 2 * kLanes),
+                s3 = load_vec(a + d + 3 * kLanes);
+            for (int64_t j = 0; j < n; ++j) {
+              const scalar_t* v = value + j * vs[1] + d;
+              const float pj = p[j];
+              s0 += pj * load_vec(v);
+              s1 += pj * load_vec(v + kLanes);
+              s2 += pj * load_vec(v + 2 * kLanes);
+              s3 += pj * load_vec(v + 3 * kLanes);
+            }
+            store_vec(a + d, s0);
+            store_vec(a + d + kLanes, s1);
+            store_vec(a + d + 2 * kLanes, s2);
+            store_vec(a + d + 3 * kLanes, s3);
+          }
+          for (; d < full; d += kLanes) {
             Vec sum_d = load_vec(a + d);
             for (int64_t j = 0; j < n; ++j) sum_d += p[j] * load_vec(value + j * vs[1] + d);
             store_vec(a + d, sum_d);

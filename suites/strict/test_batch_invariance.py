@@ -45,10 +45,14 @@ def generate(llm: LLM, prompts: list[str], max_tokens: list[int]) -> list[Greedy
     ]
 
 
+def as_greedy(generations: list[TokensTextLogprobs]) -> list[Greedy]:
+    return [Greedy(token_ids, logprobs) for token_ids, _, logprobs in generations]
+
+
 @pytest.fixture(scope="module")
 def alone(engine_generations: Callable[[int | None], list[TokensTextLogprobs]]) -> list[Greedy]:
     """Each prompt generated on its own: test_generation's batch of one, shared."""
-    return [Greedy(token_ids, logprobs) for token_ids, _, logprobs in engine_generations(1)]
+    return as_greedy(engine_generations(1))
 
 
 def together(llm: LLM, prompts: list[str]) -> list[Greedy]:
@@ -71,14 +75,18 @@ def other_partners(llm: LLM, prompts: list[str]) -> list[Greedy]:
     return results
 
 
-BATCHINGS = {"together": together, "reversed": reversed_order, "other_partners": other_partners}
+BATCHINGS = {"reversed": reversed_order, "other_partners": other_partners}
 
 
-@pytest.mark.parametrize("batching", list(BATCHINGS))
+@pytest.mark.parametrize("batching", ["together", *BATCHINGS])
 def test_batch_partners_do_not_change_greedy_tokens(
-    engine: EngineRunner, alone: list[Greedy], example_prompts: list[str], batching: str, litmus_record
+    engine: EngineRunner, alone: list[Greedy], engine_generations: Callable[[int | None], list[TokensTextLogprobs]],
+    example_prompts: list[str], batching: str, litmus_record
 ):
-    check_same(alone, BATCHINGS[batching](engine.llm, example_prompts), batching, engine, litmus_record)
+    # All prompts at once is test_generation's batch_all run (the same request), shared rather than repeated.
+    batched = (as_greedy(engine_generations(None)) if batching == "together"
+               else BATCHINGS[batching](engine.llm, example_prompts))
+    check_same(alone, batched, batching, engine, litmus_record)
 
 
 def test_staggered_scheduling_does_not_change_greedy_tokens(

@@ -9,7 +9,10 @@ over each other's.
 The roofline is the workload's matmul FLOPs (2 per weight per token: the body on every prompt
 and generated token, the LM head on the tokens that pick a next one) over the peak of a square
 matmul measured in the same process, dtype and thread count: the share of the machine's matmul
-throughput the backend turned into model work.
+throughput the backend turned into model work. The peak is measured before the first round and
+after every round, and the highest counts: this machine's speed drifts by 20 % and more over
+minutes, and a ceiling measured during a slow spell would flatter every percentage (one run here
+measured 158 GFLOP/s where minutes earlier it had measured 318).
 """
 from __future__ import annotations
 
@@ -414,7 +417,6 @@ def run_throughput(w: Workload, backends: list[str], repeats: int = 1, hf_sizes:
     body, head = matmul_params(w.path)
     flops = workload_flops(w, body, head)
     peaks = matmul_peaks_gflops(w.torch_dtype)
-    peak = max(peaks.values())
     runs: dict[str, list[Run]] = {name: [] for name in backends}
     tried: dict[str, float] | None = None
     best_hf = None
@@ -431,6 +433,8 @@ def run_throughput(w: Workload, backends: list[str], repeats: int = 1, hf_sizes:
             runs[name].append(run)
             log(f"[round {round_ + 1}/{repeats}] {name}: {run.output_tokens / run.seconds:.1f} tok/s"
                 + (f" (batch size {run.batch_size})" if run.batch_size else ""))
+        peaks = {name: max(rate, peaks.get(name, 0.0)) for name, rate in matmul_peaks_gflops(w.torch_dtype).items()}
+    peak = max(peaks.values())
     results = {name: summarize(name, runs[name], w, flops, peak, tried if name == "hf" else None,
                                getattr(loaded[name], "gguf", None)) for name in backends}
     first = backends[0]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import zoo
+from harness import bench, zoo
 from harness.bench import Workload, make_prompts, matmul_params, workload_flops
 from harness.cli import main
 
@@ -104,6 +104,21 @@ def test_one_backend_has_no_ratio(tmp_path: Path, capsys) -> None:
     assert code == 0
     assert list(report["results"]) == ["engine"] and report["ratios"] == {}
     assert "\nratio " not in out
+
+
+def test_roofline_ceiling_is_the_highest_peak_measured_across_the_rounds(tmp_path: Path, capsys, monkeypatch) -> None:
+    # The machine's speed drifts: a peak measured in a slow spell must not lower the ceiling
+    # (that would flatter every roofline percentage). Measurements: before round 1, after each.
+    measured = iter([{"torch": 100.0, "engine": 90.0}, {"torch": 120.0, "engine": 300.0},
+                     {"torch": 80.0, "engine": 70.0}])
+    monkeypatch.setattr(bench, "matmul_peaks_gflops", lambda dtype: next(measured))
+    code, report, _, _ = _bench(tmp_path, capsys, "throughput", "--num-prompts", str(NUM_PROMPTS),
+                                "--backend", "engine", "--repeats", "2")
+    assert code == 0 and next(measured, None) is None
+    assert report["matmul_peaks_gflops"] == {"torch": 120.0, "engine": 300.0}
+    assert report["matmul_peak_gflops"] == 300.0
+    tokens = NUM_PROMPTS * OUTPUT_LEN
+    assert report["roofline_tok_s"] == pytest.approx(tokens * 300.0 / report["workload_gflop"])
 
 
 def test_llamacpp_without_its_package_is_a_clear_error(tmp_path: Path, capsys, monkeypatch) -> None:

@@ -357,7 +357,8 @@ def test_cpp_rms_norm_matches_reference(litmus_ops, rows: int, hidden: int, resi
     if residual:
         assert torch.equal(summed, expected[1])  # one rounding of x + residual on both sides
         expected = expected[0]
-    # float32: the mean of squares is summed in another order (an ulp or two); bfloat16: same roundings.
+    # float32: the mean of squares is summed in another order (an ulp or two); bfloat16: one rounding
+    # on each side, which that order can put a step apart.
     _close(out, expected, dtype)
     _rows_alone_match(litmus_ops.rms_norm, x, weight, 1e-6, res)
 

@@ -71,6 +71,19 @@ inline void prefetch_row(const void* row, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(row) + b, 0, 2);
 }
 
+// a[0, kChunks * 16) += sum over j < n of p[j] * (row j at value + j * stride), each chunk kept in
+// a register over the rows: kChunks independent chains of multiply-adds overlap.
+template <int kChunks, typename scalar_t>
+inline void add_weighted_rows(float* a, const float* p, const scalar_t* value, int64_t stride, int64_t n) {
+  Vec sums[kChunks];
+  for (int c = 0; c < kChunks; ++c) sums[c] = load_vec(a + c * kLanes);
+  for (int64_t j = 0; j < n; ++j) {
+    const float pj = p[j];
+    for (int c = 0; c < kChunks; ++c) sums[c] += pj * load_vec(value + j * stride + c * kLanes);
+  }
+  for (int c = 0; c < kChunks; ++c) store_vec(a + c * kLanes, sums[c]);
+}
+
 constexpr int64_t kAhead = 32;  // tokens of keys prefetched ahead of the one being scored
 
 template <typename scalar_t>
@@ -166,30 +179,9 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
         for (int64_t g = 0; g < group; ++g) {
           const float* p = scores.data() + g * padded + t - first;
           float* a = acc.data() + g * head_dim;
-          // Each output chunk stays in a register over the run's rows, four chunks at a time so that
-          // four independent chains of multiply-adds overlap.
           int64_t d = 0;
-          for (; d + 4 * kLanes <= full; d += 4 * kLanes) {
-            Vec s0 = load_vec(a + d), s1 = load_vec(a + d + kLanes), s2 = load_vec(a + d + 2 * kLanes),
-                s3 = load_vec(a + d + 3 * kLanes);
-            for (int64_t j = 0; j < n; ++j) {
-              const scalar_t* v = value + j * vs[1] + d;
-              const float pj = p[j];
-              s0 += pj * load_vec(v);
-              s1 += pj * load_vec(v + kLanes);
-              s2 += pj * load_vec(v + 2 * kLanes);
-              s3 += pj * load_vec(v + 3 * kLanes);
-            }
-            store_vec(a + d, s0);
-            store_vec(a + d + kLanes, s1);
-            store_vec(a + d + 2 * kLanes, s2);
-            store_vec(a + d + 3 * kLanes, s3);
-          }
-          for (; d < full; d += kLanes) {
-            Vec sum_d = load_vec(a + d);
-            for (int64_t j = 0; j < n; ++j) sum_d += p[j] * load_vec(value + j * vs[1] + d);
-            store_vec(a + d, sum_d);
-          }
+          for (; d + 4 * kLanes <= full; d += 4 * kLanes) add_weighted_rows<4>(a + d, p, value + d, vs[1], n);
+          for (; d < full; d += kLanes) add_weighted_rows<1>(a + d, p, value + d, vs[1], n);
           for (int64_t d = full; d < head_dim; ++d) {
             for (int64_t j = 0; j < n; ++j) a[d] += p[j] * static_cast<float>(value[j * vs[1] + d]);
           }

@@ -1,8 +1,8 @@
 """Strict tier: a prompt's greedy output does not depend on what it is batched with.
 
-Each example prompt is generated alone, then all together, all together in reverse order, each
-among different partners that stop after different numbers of tokens (so the decode batch
-changes shape under it), and with at most two sequences running at once (so later prompts'
+Each example prompt is generated alone, then all together, all together in reverse order, two
+at a time among different partners that stop after different numbers of tokens (so the decode
+batch changes shape under both), and with at most two sequences running at once (so later prompts'
 prefills share steps with earlier ones' decodes). Every batching must give the same greedy
 tokens as the prompt alone. Unlike test_generation, nothing here is compared with Transformers
 and no near-tie excuses a difference: the same engine on the same prompt has no second
@@ -23,9 +23,10 @@ pytestmark = [pytest.mark.strict, pytest.mark.usefixtures("generation_model")]
 
 SETTINGS = ReferenceSettings()
 MAX_TOKENS = SETTINGS.max_tokens
-# Partners leave the batch after these many tokens, at steps spread over the subject's decode;
-# the last stays in it to the subject's end (one token more: past that, its steps decide nothing).
-PARTNER_TOKENS = (3, 11, MAX_TOKENS + 1)
+# Partners leave the batch after these many tokens, at steps spread over the subjects' decode.
+PARTNER_TOKENS = (3, 11)
+# Where a batch's two subjects sit among its four places, one arrangement per batch in turn.
+SUBJECT_PLACES = ((0, 3), (1, 2), (0, 1), (2, 3))
 STAGGERED_MAX_SEQS = 2
 
 
@@ -64,15 +65,25 @@ def reversed_order(llm: LLM, prompts: list[str]) -> list[Greedy]:
 
 
 def other_partners(llm: LLM, prompts: list[str]) -> list[Greedy]:
-    """Prompt i among the next len(PARTNER_TOKENS) prompts, at a varying place in the batch."""
-    results = []
-    for i, prompt in enumerate(prompts):
-        partners = [prompts[(i + j) % len(prompts)] for j in range(1, len(PARTNER_TOKENS) + 1)]
-        at = i % (len(partners) + 1)
-        batch = partners[:at] + [prompt] + partners[at:]
-        budgets = list(PARTNER_TOKENS[:at]) + [MAX_TOKENS] + list(PARTNER_TOKENS[at:])
-        results.append(generate(llm, batch, budgets)[at])
-    return results
+    """Two prompts at a time among two partners that leave after PARTNER_TOKENS tokens, so the
+    decode batch changes shape under both subjects; each batch places its subjects elsewhere."""
+    n = len(prompts)
+    results: dict[int, Greedy] = {}
+    for batch_index, first in enumerate(range(0, n, 2)):
+        subjects = [first, (first + 1) % n]
+        places = SUBJECT_PLACES[batch_index % len(SUBJECT_PLACES)]
+        size = len(subjects) + len(PARTNER_TOKENS)
+        batch, budgets = [""] * size, [MAX_TOKENS] * size
+        for subject, place in zip(subjects, places, strict=True):
+            batch[place] = prompts[subject]
+        partner_places = [place for place in range(size) if place not in places]
+        for j, (place, budget) in enumerate(zip(partner_places, PARTNER_TOKENS, strict=True)):
+            batch[place], budgets[place] = prompts[(first + 2 + j) % n], budget
+        outputs = generate(llm, batch, budgets)
+        for subject, place in zip(subjects, places, strict=True):
+            # With an odd number of prompts the last batch's second subject is prompt 0 again.
+            results.setdefault(subject, outputs[place])
+    return [results[i] for i in range(n)]
 
 
 BATCHINGS = {"reversed": reversed_order, "other_partners": other_partners}
@@ -94,8 +105,12 @@ def test_staggered_scheduling_does_not_change_greedy_tokens(
     example_prompts: list[str], litmus_record,
 ):
     litmus_record.metrics["max_num_seqs"] = STAGGERED_MAX_SEQS
+    # Prompts of equal budgets admitted together would finish together and be replaced together,
+    # every prefill then in a step without decodes; a partner leaving after a few tokens puts them
+    # out of step for good, so each later prompt's prefill joins an earlier one's decode.
+    batch = [example_prompts[-1], *example_prompts]
     with engine_runner(model_path, max_num_seqs=STAGGERED_MAX_SEQS) as staggered:
-        outputs = together(staggered.llm, example_prompts)
+        outputs = generate(staggered.llm, batch, [PARTNER_TOKENS[0]] + [MAX_TOKENS] * len(example_prompts))[1:]
     check_same(alone, outputs, f"max_num_seqs={STAGGERED_MAX_SEQS}", engine, litmus_record)
 
 

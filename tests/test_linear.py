@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from engine.layers.linear import PackedLinear, pack_linears
+from harness.runners import torch_threads
 from kernels import cpu, ops
 
 pytestmark = [
@@ -50,6 +51,23 @@ def test_float32_rows_get_the_same_bits_alone_and_in_any_batch(monkeypatch: pyte
         together = packed(x)
         for rows in (slice(0, 1), slice(3, 4), slice(5, 17), slice(13, 40)):
             assert torch.equal(packed(x[rows]), together[rows])
+
+
+@pytest.mark.parametrize("out_features", [20, 150, 576, 600])
+def test_float32_gemm_gives_the_same_bits_on_one_thread_and_two(out_features: int) -> None:
+    # Two threads split the panels into halves of 32 features: a thread's share starts or ends
+    # mid-panel (150, and 576's 9 panels), the last panel's second half lies past the features
+    # (20, 150, 600) and its first half is partial (150, 600).
+    cpu.load()
+    torch.manual_seed(out_features)
+    weight, bias, x = torch.randn(out_features, 96), torch.randn(out_features), torch.randn(64, 96)
+    packed = ops.pack_linear_weight(weight)
+    with torch_threads(1):
+        one = ops.linear(x, packed, bias, out_features)
+    with torch_threads(2):
+        two = ops.linear(x, packed, bias, out_features)
+    assert torch.equal(one, two)
+    torch.testing.assert_close(two, torch.addmm(bias, x, weight.T), atol=1e-4, rtol=1e-5)
 
 
 def test_gemm_names_bad_input() -> None:

@@ -279,9 +279,10 @@ def _cpp_decode(args, options):
 
 
 @settings(max_examples=40, deadline=None)
-@given(decode_case(), st.sampled_from([8, 20, 64, 80]), st.sampled_from([torch.float32, torch.bfloat16]))
+@given(decode_case(), st.sampled_from([8, 20, 64, 80, 128]), st.sampled_from([torch.float32, torch.bfloat16]))
 def test_cpp_decode_attention_matches_reference(c: dict, head_dim: int, dtype: torch.dtype) -> None:
-    # Head dims beyond HEAD_DIMS: below, at and past the kernel's 16-lane dot product, with remainders.
+    # Head dims beyond HEAD_DIMS: below, at and past the kernel's 16-lane dot product, with
+    # remainders, and the two it compiles with a constant head size (64, 128).
     args, options = _decode_inputs({**c, "head_dim": head_dim}, dtype)
     # bfloat16: the kernel rounds once at the end, the reference after its product with v too.
     tol = 1e-5 if dtype == torch.float32 else 1.6e-2

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -86,11 +87,12 @@ inline void add_weighted_rows(float* a, const float* p, const scalar_t* value, i
 
 constexpr int64_t kAhead = 32;  // tokens of keys prefetched ahead of the one being scored
 
-template <typename scalar_t>
+// kHeadDim: the head size as a constant its loops unroll with, or 0 to take q's.
+template <typename scalar_t, int64_t kHeadDim>
 void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
             const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
             int64_t sliding_window, double soft_cap, const at::Tensor& slopes, at::Tensor& out) {
-  const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = kHeadDim ? kHeadDim : q.size(2);
   const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
   const int64_t group = num_heads / num_kv_heads, table_width = block_tables.size(1);
   const int64_t full = head_dim / kLanes * kLanes;
@@ -218,7 +220,16 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   }
   at::Tensor out = at::empty_like(query);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "litmus_decode_attention", [&] {
-    decode<scalar_t>(query, k_cache, v_cache, tables, lens, scale, sliding_window, soft_cap, slopes, out);
+    // The common head sizes get loops of known length.
+    const auto run = [&](auto head_dim) {
+      decode<scalar_t, decltype(head_dim)::value>(query, k_cache, v_cache, tables, lens, scale, sliding_window,
+                                                  soft_cap, slopes, out);
+    };
+    switch (q.size(2)) {
+      case 64: return run(std::integral_constant<int64_t, 64>{});
+      case 128: return run(std::integral_constant<int64_t, 128>{});
+      default: return run(std::integral_constant<int64_t, 0>{});
+    }
   });
   return out;
 }

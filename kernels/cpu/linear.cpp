@@ -129,7 +129,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const c10::opti
   const float* wp = packed.data_ptr<float>();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
-  // The threads' work comes in half panels. A second thread is worth it from ~64k multiply-adds per chunk of panels.
+  // The threads' work comes in half panels. A second thread is worth it from ~64k multiply-adds
+  // per chunk of them.
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, rows * in_features * kPanel / 2));
   at::parallel_for(0, 2 * panels, grain, [&](int64_t begin, int64_t end) {
     const int64_t first_panel = begin / 2, end_panel = (end + 1) / 2;
@@ -150,20 +151,21 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const c10::opti
         const int64_t cols = std::min<int64_t>((v1 - v0) * kLanes, out_features - col0);
         if (cols <= 0) continue;
         const float* panel = wp + p * in_features * kPanel + v0 * kLanes;
+        const float* panel_bias = bp ? bp + col0 : nullptr;
+        // This thread's vectors of the next panel, if it has one: its last panel prefetches nothing.
         const bool prefetch = p + 1 < end_panel;
         const auto [n0, n1] = prefetch ? vectors(p + 1) : std::pair<int, int>{0, 0};
-        const float* next = wp + (p + 1) * in_features * kPanel + n0 * kLanes;
+        const float* next = prefetch ? wp + (p + 1) * in_features * kPanel + n0 * kLanes : panel;
         const int64_t next_rows = prefetch ? in_features : 0;
         for (int64_t r = r0, t = 0; r < r1; r += kMaxRows, ++t) {
           const int64_t first = std::min(t * share, next_rows), last = std::min(first + share, next_rows);
           const Prefetch pf{next + first * kPanel, next + last * kPanel, every, n1 - n0};
           const int64_t n = std::min<int64_t>(kMaxRows, r1 - r);
-          const float* tile_bias = bp ? bp + col0 : nullptr;
           float* tile_out = op + r * out_features + col0;
           if (v1 - v0 == kVecs) {
-            tile_of<kVecs>(n, xp + r * in_features, in_features, panel, tile_bias, tile_out, out_features, cols, pf);
+            tile_of<kVecs>(n, xp + r * in_features, in_features, panel, panel_bias, tile_out, out_features, cols, pf);
           } else {
-            tile_of<kHalf>(n, xp + r * in_features, in_features, panel, tile_bias, tile_out, out_features, cols, pf);
+            tile_of<kHalf>(n, xp + r * in_features, in_features, panel, panel_bias, tile_out, out_features, cols, pf);
           }
         }
       }

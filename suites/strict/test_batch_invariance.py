@@ -2,8 +2,8 @@
 
 Each example prompt is generated alone, then all together, all together in reverse order, two
 at a time among different partners that stop after different numbers of tokens (so the decode
-batch changes shape under both), and with at most two sequences running at once (so later prompts'
-prefills share steps with earlier ones' decodes). Every batching must give the same greedy
+batch changes shape under both), and with at most two sequences running at once (so later
+prompts' prefills share steps with earlier ones' decodes). Every batching must give the same greedy
 tokens as the prompt alone. Unlike test_generation, nothing here is compared with Transformers
 and no near-tie excuses a difference: the same engine on the same prompt has no second
 implementation whose rounding could differ, only a batch that should not matter.
@@ -56,12 +56,8 @@ def alone(engine_generations: Callable[[int | None], list[TokensTextLogprobs]]) 
     return as_greedy(engine_generations(1))
 
 
-def together(llm: LLM, prompts: list[str]) -> list[Greedy]:
-    return generate(llm, prompts, [MAX_TOKENS] * len(prompts))
-
-
 def reversed_order(llm: LLM, prompts: list[str]) -> list[Greedy]:
-    return together(llm, prompts[::-1])[::-1]
+    return generate(llm, prompts[::-1], [MAX_TOKENS] * len(prompts))[::-1]
 
 
 def other_partners(llm: LLM, prompts: list[str]) -> list[Greedy]:

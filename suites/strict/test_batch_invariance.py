@@ -56,8 +56,12 @@ def alone(engine_generations: Callable[[int | None], list[TokensTextLogprobs]]) 
     return as_greedy(engine_generations(1))
 
 
+def together(llm: LLM, prompts: list[str]) -> list[Greedy]:
+    return generate(llm, prompts, [MAX_TOKENS] * len(prompts))
+
+
 def reversed_order(llm: LLM, prompts: list[str]) -> list[Greedy]:
-    return generate(llm, prompts[::-1], [MAX_TOKENS] * len(prompts))[::-1]
+    return together(llm, prompts[::-1])[::-1]
 
 
 def other_partners(llm: LLM, prompts: list[str]) -> list[Greedy]:

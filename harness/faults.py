@@ -6,9 +6,9 @@ loaded. Inside it the engine runs the model with the bug a port could have; on e
 parameter, buffer, attribute and kernel entry point is what it was (bit for bit), so one loaded
 engine serves a control run and every fault in turn. Nothing is edited on disk and no engine
 code changes: a fault either edits the loaded module through `LLM.apply_model` (a parameter's
-values, a buffer, a module attribute, a forward hook), or wraps a `kernels.ops` function (the one
+values, a buffer, a module attribute, a forward hook), or wraps a `litmus_kernels.ops` function (the one
 dispatch point every attention layer calls) for the duration of the context. A wrapped kernel is
-process-wide: only engine code calls kernels.ops, so a Transformers reference in the same process
+process-wide: only engine code calls litmus_kernels.ops, so a Transformers reference in the same process
 is untouched, but two engines must not be faulted at once.
 
 Each fault says which engine modules it planted into (`inject` yields their names); the earliest
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels.ops
+import litmus_kernels.ops
 from engine.layers.activation import GatedActivation
 from engine.layers.attention import Attention
 from engine.layers.moe import FusedMoE
@@ -169,13 +169,13 @@ def _attention_modules(model: nn.Module) -> list[str]:
 def _kv_slot_off_by_one(model: nn.Module, patch: Patch) -> list[str]:
     planted = _attention_modules(model)
     if planted:
-        write = kernels.ops.write_kv_cache
+        write = litmus_kernels.ops.write_kv_cache
 
         def write_one_slot_late(k, v, k_cache, v_cache, slot_mapping):
             num_slots = k_cache.shape[0] * k_cache.shape[1]
             write(k, v, k_cache, v_cache, (slot_mapping + 1) % num_slots)
 
-        patch.set(kernels.ops, "write_kv_cache", write_one_slot_late)
+        patch.set(litmus_kernels.ops, "write_kv_cache", write_one_slot_late)
     return planted
 
 
@@ -201,8 +201,8 @@ def _gqa_head_mapping(model: nn.Module, patch: Patch) -> list[str]:
     # With one KV head (MQA) or one query head per KV head (MHA) every mapping is the same one.
     planted = [name for name, attn in _named(model, Attention) if 1 < attn.num_kv_heads < attn.num_heads]
     if planted:
-        patch.set(kernels.ops, "prefill_attention", _interleaved_heads(kernels.ops.prefill_attention))
-        patch.set(kernels.ops, "decode_attention", _interleaved_heads(kernels.ops.decode_attention))
+        patch.set(litmus_kernels.ops, "prefill_attention", _interleaved_heads(litmus_kernels.ops.prefill_attention))
+        patch.set(litmus_kernels.ops, "decode_attention", _interleaved_heads(litmus_kernels.ops.decode_attention))
     return planted
 
 
@@ -292,7 +292,7 @@ def _activation_swapped(model: nn.Module, patch: Patch) -> list[str]:
             kind = _gelu_kind(module, gated=True)
             if kind is not None:
                 swapped = _GELU_SWAP[kind]
-                patch.set(module, "fused", lambda x, swapped=swapped: kernels.ops.gelu_and_mul(x, swapped))
+                patch.set(module, "fused", lambda x, swapped=swapped: litmus_kernels.ops.gelu_and_mul(x, swapped))
                 planted.append(name)
         elif callable(getattr(module, "act", None)) and not isinstance(module.act, nn.Module):
             kind = _gelu_kind(module.act, gated=False)

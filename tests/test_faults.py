@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-import kernels.ops
+import litmus_kernels.ops
 from harness import zoo
 from harness.compare import DEFAULT_LOGPROB_ATOL
 from harness.faults import CATALOGUE, FaultNotApplicable, Patch, inject, planted_modules, site_of
@@ -88,7 +88,7 @@ def _same(before: dict[str, object], after: dict[str, object]) -> list[str]:
 
 
 def _kernels() -> dict[str, object]:
-    return {name: getattr(kernels.ops, name) for name in dir(kernels.ops) if not name.startswith("_")}
+    return {name: getattr(litmus_kernels.ops, name) for name in dir(litmus_kernels.ops) if not name.startswith("_")}
 
 
 def test_catalogue_covers_the_issue_list():
@@ -112,7 +112,7 @@ def test_fault_changes_outputs_and_is_undone(engines, fault: str):
     # More than the strict tier's per-logprob tolerance: the change is the fault's, not float noise.
     assert abs(faulted - clean) > DEFAULT_LOGPROB_ATOL, f"{fault} left the prompt NLL at {clean} ({faulted})"
     assert _same(before, _snapshot(model)) == [], f"{fault} left the model changed"
-    assert _kernels() == kernels_before, f"{fault} left kernels.ops changed"
+    assert _kernels() == kernels_before, f"{fault} left litmus_kernels.ops changed"
     assert engine.prompt_nll(ids)[0] == clean, "outputs after the fault differ from before it"
     assert greedy[0][0], "the faulted engine generated nothing"
 
@@ -181,7 +181,7 @@ def test_batch_invariance_check_catches_a_batch_dependent_bug(engines):
     assert record.metrics["differing_prompts"] == 0
 
     patch = Patch()
-    patch.set(kernels.ops, "decode_attention", _padding_not_masked(kernels.ops.decode_attention))
+    patch.set(litmus_kernels.ops, "decode_attention", _padding_not_masked(litmus_kernels.ops.decode_attention))
     try:
         batched = suite.together(engine.llm, prompts)
         alone_again = [suite.generate(engine.llm, [p], [suite.MAX_TOKENS])[0] for p in prompts]

@@ -1,5 +1,5 @@
 """The Triton kernels and the C++ CPU kernels against their torch references, the references
-against a naive oracle, and the dispatch in kernels.ops.
+against a naive oracle, and the dispatch in litmus_kernels.ops.
 
 Where the kernel tests run: without a GPU, Triton runs only through its interpreter, and
 whether it interprets is fixed when triton is first imported (its own tl.sum, tl.max... are
@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.layers.attention import Attention, AttentionMetadata, PrefillChunk, get_alibi_slopes
-from kernels import cpu, ops
-from kernels import reference as ref
+from litmus_kernels import cpu, ops
+from litmus_kernels import reference as ref
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 HAVE_TRITON = ops.triton_available()
@@ -51,7 +51,7 @@ SOFT_CAPS = st.none() | st.floats(5.0, 50.0)
 
 @pytest.fixture(scope="module")
 def tk():
-    """kernels.triton: interpreted in the child process, compiled on a GPU."""
+    """litmus_kernels.triton: interpreted in the child process, compiled on a GPU."""
     return ops.triton_kernels()
 
 

@@ -1,4 +1,4 @@
-"""engine/layers/linear.py: nn.Linear with packed weights (kernels/cpu's GEMM for float32, oneDNN for
+"""engine/layers/linear.py: nn.Linear with packed weights (litmus_kernels/cpu's GEMM for float32, oneDNN for
 bfloat16 and without the C++ kernels), against nn.Linear itself."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import nn
 
 from engine.layers.linear import PackedLinear, pack_linears
 from harness.runners import torch_threads
-from kernels import cpu, ops
+from litmus_kernels import cpu, ops
 
 pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import ops
+from litmus_kernels import ops
 
 _ACTIVATIONS = {
     "silu": F.silu,

@@ -2,8 +2,8 @@
 
 One flattened batch mixes decodes (one query token each, attended together over their block
 tables) and prefill chunks (attended together over the cache, which holds each chunk's cached
-prefix and, once written, the chunk itself). The math is in kernels/: a Triton kernel on GPU,
-its torch reference otherwise (kernels.ops picks).
+prefix and, once written, the chunk itself). The math is in litmus_kernels/: a Triton kernel on GPU,
+its torch reference otherwise (litmus_kernels.ops picks).
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from kernels import ops
-from kernels.reference import attend
+from litmus_kernels import ops
+from litmus_kernels.reference import attend
 
 
 @dataclass

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kernels import ops
+from litmus_kernels import ops
 
 
 def rope_inv_freq(rotary_dim: int, params: dict[str, Any], max_position: int) -> tuple[torch.Tensor, float]:

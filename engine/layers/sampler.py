@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import ops
+from litmus_kernels import ops
 
 
 @dataclass

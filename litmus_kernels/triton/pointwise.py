@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton._common import block_for, tanh
+from litmus_kernels.triton._common import block_for, tanh
 
 # Features per gated-activation program.
 BLOCK_ACT = 1024

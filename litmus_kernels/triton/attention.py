@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton._common import MIN_DOT, block_for, tanh
+from litmus_kernels.triton._common import MIN_DOT, block_for, tanh
 
 # Keys per inner-loop step.
 BLOCK_N = 32

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton._common import block_for
+from litmus_kernels.triton._common import block_for
 
 # Vocabulary entries per inner-loop step.
 BLOCK_V = 1024

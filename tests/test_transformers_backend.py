@@ -216,12 +216,28 @@ def _config_only_model(tmp_path: Path, config: dict[str, Any]) -> str:
     return str(tmp_path)
 
 
+# Decoder-only classes without a native implementation here whose attention Transformers did not
+# route through its attention interface when last checked; releases keep converting them
+# (CodeGen was until transformers 5.25), so the test takes the first that still lacks it.
+_WITHOUT_ATTENTION_BACKEND = (
+    ("GPTNeoConfig", "GPTNeoForCausalLM", {"num_layers": 1, "attention_types": [[["global"], 1]]}),
+    ("BioGptConfig", "BioGptForCausalLM", {"num_hidden_layers": 1}),
+    ("CodeGenConfig", "CodeGenForCausalLM", {"n_layer": 1}),
+)
+
+
 @pytest.mark.parametrize("model_impl", ["auto", "transformers"])
 def test_class_without_attention_backend_support_is_named(tmp_path: Path, model_impl: str) -> None:
-    codegen = transformers.CodeGenConfig(vocab_size=100, n_embd=32, n_layer=1, n_head=2).to_dict()
-    path = _config_only_model(tmp_path, {**codegen, "architectures": ["CodeGenForCausalLM"]})
+    candidates = [(getattr(transformers, config), name, sizes) for config, name, sizes in _WITHOUT_ATTENTION_BACKEND
+                  if not getattr(transformers, name)._supports_attention_backend]
+    if not candidates:
+        pytest.skip(f"transformers {transformers.__version__} supports its attention interface in every candidate "
+                    f"({', '.join(name for _, name, _ in _WITHOUT_ATTENTION_BACKEND)})")
+    config_class, name, sizes = candidates[0]
+    config = config_class(vocab_size=100, hidden_size=32, num_attention_heads=2, **sizes).to_dict()
+    path = _config_only_model(tmp_path, {**config, "architectures": [name]})
     tokenizer = str(zoo.model_path("tiny-llama"))
-    with pytest.raises(UnsupportedArchitectureError, match=r"run CodeGenForCausalLM.*_supports_attention_backend"):
+    with pytest.raises(UnsupportedArchitectureError, match=rf"run {name}.*_supports_attention_backend"):
         LLM(path, tokenizer=tokenizer, model_impl=model_impl, max_model_len=64)
 
 

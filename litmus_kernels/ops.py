@@ -30,20 +30,27 @@ BACKENDS = ("triton", "cpp", "torch")
 
 def backend(x: torch.Tensor) -> str:
     """"triton", "cpp" or "torch": which implementation an op on tensor x runs."""
-    return _selected(x)[0]
+    return _selected(x.device.type)[0]
 
 
-def _selected(x: torch.Tensor) -> tuple[str, bool]:
-    """The backend for x, and whether LITMUS_KERNELS forced it (one read of the environment: it
-    is consulted by every op of every layer)."""
-    forced = os.environ.get(_ENV, "").strip().lower()
-    if forced in BACKENDS:
-        return forced, True
+def _selected(device_type: str) -> tuple[str, bool]:
+    """The backend for tensors on device_type, and whether LITMUS_KERNELS forced it. Read from
+    the environment on every call (tests set it per test); parsed once per value, since every op
+    of every layer asks."""
+    forced = _forced(os.environ.get(_ENV, ""))
     if forced:
-        raise ValueError(f"{_ENV}={forced!r}: expected one of {', '.join(BACKENDS)}")
-    if x.is_cuda and triton_available():
+        return forced, True
+    if device_type == "cuda" and triton_available():
         return "triton", False
-    return ("cpp" if x.device.type == "cpu" else "torch"), False
+    return ("cpp" if device_type == "cpu" else "torch"), False
+
+
+@functools.lru_cache(maxsize=8)
+def _forced(value: str) -> str:
+    name = value.strip().lower()
+    if name and name not in BACKENDS:
+        raise ValueError(f"{_ENV}={name!r}: expected one of {', '.join(BACKENDS)}")
+    return name
 
 
 @functools.cache
@@ -85,7 +92,7 @@ def triton_interpreted() -> bool:
 
 def _cpp(x: torch.Tensor) -> bool:
     """Whether an op on x runs its C++ CPU kernel."""
-    name, forced = _selected(x)
+    name, forced = _selected(x.device.type)
     return name == "cpp" and cpu.available(required=forced)
 
 

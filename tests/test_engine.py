@@ -4,6 +4,7 @@ against Transformers, and bad input that must fail cleanly without corrupting th
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 import harness.zoo as zoo
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
+from engine.worker.model_runner import zeros_on_demand
 
 GREEDY = dict(temperature=0.0)
 
@@ -577,3 +579,18 @@ def test_misshapen_tensor_is_named(llama_path: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=name.replace(".", r"\.")) as info:
         LLM(str(path), max_model_len=64)
     assert "(64, 191)" in str(info.value) and "(64, 192)" in str(info.value)
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux's /proc to read resident memory")
+def test_kv_cache_memory_is_backed_only_where_written():
+    before = _resident_bytes()
+    cache = zeros_on_demand((3, 4096, 16, 64), torch.float32)  # 48 MiB
+    assert _resident_bytes() - before < 4 << 20, "allocating the cache made it resident"
+    cache[:, :2] = 1.0
+    assert _resident_bytes() - before < 8 << 20, "writing two blocks per head made the whole cache resident"
+    assert cache.count_nonzero() == 3 * 2 * 16 * 64

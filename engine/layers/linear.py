@@ -58,15 +58,25 @@ class PackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return super().forward(x)
-        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        # Decode steps call ~120 of these per step for products of a few microseconds each, so the
+        # common case (rows already flat, the last pack still valid) skips the general path's calls.
+        flat = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, x.shape[-1]).contiguous()
         if ops.cpu_gemm(x):
-            out = ops.linear(flat, packed_weight(self.weight, gemm=True), self.bias, self.out_features)
+            out = ops.linear(flat, self._packed(gemm=True), self.bias, self.out_features)
         elif flat.shape[0] == 1 and x.dtype == torch.float32 and mkl_runs_single_rows():
             return F.linear(x, self.weight, self.bias)
         else:
-            out = torch.ops.mkldnn._linear_pointwise(flat, packed_weight(self.weight, gemm=False), self.bias,
-                                                     "none", [], "")
-        return out.view(*x.shape[:-1], out.shape[-1])
+            out = torch.ops.mkldnn._linear_pointwise(flat, self._packed(gemm=False), self.bias, "none", [], "")
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
+
+    def _packed(self, gemm: bool) -> torch.Tensor:
+        """packed_weight(self.weight, gemm), its last answer kept on the module (checked against
+        the weight's identity and version): cheaper than the weak-keyed memo's lookup."""
+        weight, last = self.weight, self.__dict__.get("_last_pack")
+        if last is None or last[0] is not weight or last[1] != weight._version or last[2] != gemm:
+            last = (weight, weight._version, gemm, packed_weight(weight, gemm))
+            self.__dict__["_last_pack"] = last
+        return last[3]
 
 
 def pack_linears(model: nn.Module) -> int:
@@ -79,6 +89,6 @@ def pack_linears(model: nn.Module) -> int:
     for module in model.modules():
         if type(module) is nn.Linear and module.weight.dtype in PACKED_DTYPES and module.weight.device.type == "cpu":
             module.__class__ = PackedLinear
-            packed_weight(module.weight, gemm=ops.cpu_gemm(module.weight))
+            module._packed(gemm=ops.cpu_gemm(module.weight))
             count += 1
     return count

@@ -322,7 +322,8 @@ def _split_cells(row_lines: list[str]) -> tuple[str, list[tuple[str, list[str]]]
     return "".join(arch_lines), cells
 
 
-def _assign_marks(table_key: str, arch: str, features: tuple[str, ...], marks: list[str]) -> tuple[dict[str, bool], dict[str, str], bool]:
+def _assign_marks(table_key: str, arch: str, features: tuple[str, ...],
+                  marks: list[str]) -> tuple[dict[str, bool], dict[str, str], bool]:
     for m in marks:
         if m not in KNOWN_MARKS:
             raise ValueError(f"{table_key} {arch}: unknown feature mark {m!r}")
@@ -354,7 +355,8 @@ def parse_001(path: Path) -> list[Row]:
     rows: list[Row] = []
     for t, (section, subsection) in zip(tables, kinds):
         multimodal = section == "multimodal"
-        features = (MM_GENERATIVE_FEATURES if subsection == "generative" else MM_POOLING_FEATURES) if multimodal else TEXT_FEATURES
+        mm_features = MM_GENERATIVE_FEATURES if subsection == "generative" else MM_POOLING_FEATURES
+        features = mm_features if multimodal else TEXT_FEATURES
         leading = 4 if multimodal else 3  # Architecture, Models, [Inputs,] Example HF Models
         if leading + len(features) != t.ncols:
             raise ValueError(f"001 table {t.index}: :widths: has {t.ncols} columns, expected {leading + len(features)}")
@@ -493,7 +495,8 @@ def _parse_002_row(cols: list[str], line: str, heading: str) -> Row002:
     s = line.strip()
     notes: list[str] = []
     if "Modalities" in cols:
-        m = re.fullmatch(rf"(?P<head>.*?)(?P<mod>{MODALITY_RE.pattern})(?P<ex>[A-Za-z0-9][\w.-]*/[\w.-]+|Various [\w ]+)", s)
+        m = re.fullmatch(rf"(?P<head>.*?)(?P<mod>{MODALITY_RE.pattern})"
+                         r"(?P<ex>[A-Za-z0-9][\w.-]*/[\w.-]+|Various [\w ]+)", s)
         if not m:
             raise ValueError(f"002: cannot parse row {s!r}")
         head, inputs_raw, ex = m.group("head"), m.group("mod"), m.group("ex")
@@ -654,7 +657,8 @@ def build(reference_dir: Path, verbose: bool = False) -> dict:
         e["feature_columns_inferred"] = r.feature_columns_inferred
         _merge_into(e, display=r.display_name, examples=r.examples, inputs_raw=r.inputs_raw, source=r.source)
         if verbose:
-            print(f"001 {r.source.split(': ')[1]:<32} {arch:<44} | {r.display_name} | {r.inputs_raw or ''} | {r.examples} | {r.feature_marks}")
+            print(f"001 {r.source.split(': ')[1]:<32} {arch:<44} | {r.display_name} | {r.inputs_raw or ''} "
+                  f"| {r.examples} | {r.feature_marks}")
 
     # 002 (all its tables are multimodal generative models)
     rows002, footnotes = parse_002(p002)
@@ -669,10 +673,12 @@ def build(reference_dir: Path, verbose: bool = False) -> dict:
             # a "Model" table: no architecture named.  Link it only when its example id is
             # already listed under exactly one multimodal generative architecture.
             owners = sorted(
-                {k for k, e in entries.items() if k[1:] == ("multimodal", "generative") and set(r.examples) & set(e["example_hf_models"])}
+                {k for k, e in entries.items()
+                 if k[1:] == ("multimodal", "generative") and set(r.examples) & set(e["example_hf_models"])}
             )
             if len(owners) == 1:
-                _merge_into(entries[owners[0]], display=None, examples=r.examples, inputs_raw=r.inputs_raw, source=source)
+                _merge_into(entries[owners[0]], display=None, examples=r.examples, inputs_raw=r.inputs_raw,
+                            source=source)
                 linked = owners[0][0]
             else:
                 linked = None
@@ -686,16 +692,19 @@ def build(reference_dir: Path, verbose: bool = False) -> dict:
                     "linked_architecture": linked,
                     "reason": (
                         "the table has a Model column but no Architecture column"
-                        + (f"; its example id is listed under {linked}" if linked else "; the page names no architecture for it")
+                        + (f"; its example id is listed under {linked}" if linked
+                           else "; the page names no architecture for it")
                     ),
                 }
             )
             continue
         key = (r.architecture, "multimodal", "generative")
-        e = entries.get(key) or entries.setdefault(key, new_entry(r.architecture, "multimodal", "generative", "generate"))
+        e = entries.get(key) or entries.setdefault(
+            key, new_entry(r.architecture, "multimodal", "generative", "generate"))
         _merge_into(e, display=r.display_name, examples=r.examples, inputs_raw=r.inputs_raw, source=source)
 
-    entry_list = sorted(entries.values(), key=lambda e: (SECTIONS.index(e["section"]), e["subsection"], e["architecture"].lower()))
+    entry_list = sorted(entries.values(),
+                        key=lambda e: (SECTIONS.index(e["section"]), e["subsection"], e["architecture"].lower()))
 
     # self-check: every architecture-looking token of the three pages is accounted for
     names = {e["architecture"] for e in entry_list}
@@ -766,7 +775,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.output.write_text(text, encoding="utf-8")
     archs = data["architectures"]
-    print(f"wrote {args.output}: {len(archs)} entries, {len({e['architecture'] for e in archs})} distinct architectures")
+    distinct = len({e["architecture"] for e in archs})
+    print(f"wrote {args.output}: {len(archs)} entries, {distinct} distinct architectures")
     for k, v in data["counts"].items():
         print(f"  {k:<24} {v}")
     return 0

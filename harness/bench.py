@@ -283,7 +283,7 @@ def make_prompts(w: Workload, count: int | None = None) -> list[list[int]]:
 def matmul_peaks_gflops(dtype: torch.dtype, sizes: tuple[int, ...] = (512, 1024),
                         seconds: float = 0.3) -> dict[str, float]:
     """The best FLOP rate of square matmuls through torch's matmul and through the engine's own
-    linear layer (a packed weight: litmus_kernels/cpu's GEMM for float32, oneDNN for bfloat16), each size
+    linear layer (a packed weight: kernels/cpu's GEMM for float32, oneDNN for bfloat16), each size
     tried for about `seconds`. The roofline's ceiling is the larger. Each multiply is short (a
     few ms) so that some run within one scheduler time slice even on a busy machine: the best of
     them is what the cores can do."""

@@ -9,7 +9,7 @@ pip=(.venv/bin/python -m pip install -qq --disable-pip-version-check)
 # torch first and pinned: left to the resolver, torch comes as a multi-GB CUDA build.
 "${pip[@]}" torch==2.13.0
 "${pip[@]}" -e '.[test]'
-# The C++ CPU kernels (litmus_kernels/cpu), built now (~20 s, then cached) rather than inside the first
+# The C++ CPU kernels (kernels/cpu), built now (~20 s, then cached) rather than inside the first
 # test that decodes; a machine without a C++ compiler fails here, by name.
 .venv/bin/python -c "from litmus_kernels import cpu; cpu.load()"
 # Holds the real SmolLM2 GGUF; its dependency, the `llm` CLI, takes minutes and is unused.

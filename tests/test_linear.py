@@ -1,4 +1,4 @@
-"""engine/layers/linear.py: nn.Linear with packed weights (litmus_kernels/cpu's GEMM for float32, oneDNN for
+"""engine/layers/linear.py: nn.Linear with packed weights (kernels/cpu's GEMM for float32, oneDNN for
 bfloat16 and without the C++ kernels), against nn.Linear itself."""
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 One flattened batch mixes decodes (one query token each, attended together over their block
 tables) and prefill chunks (attended together over the cache, which holds each chunk's cached
-prefix and, once written, the chunk itself). The math is in litmus_kernels/: a Triton kernel on GPU,
+prefix and, once written, the chunk itself). The math is in kernels/: a Triton kernel on GPU,
 its torch reference otherwise (litmus_kernels.ops picks).
 """
 from __future__ import annotations

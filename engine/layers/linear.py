@@ -1,6 +1,6 @@
 """nn.Linear on the CPU with each weight packed once for the kernel that multiplies by it.
 
-float32 runs litmus_kernels/cpu's GEMM (litmus_kernels.ops.cpu_gemm): every row's result is computed the same
+float32 runs kernels/cpu's GEMM (litmus_kernels.ops.cpu_gemm): every row's result is computed the same
 way whatever the batch, so a sequence's logits do not depend on its partners. Measured on this
 project's 2-core Xeon with SmolLM2-135M's shapes (weights streamed from memory, as in a decode
 step, interleaved runs): 10-17 % faster than oneDNN at 64 rows, ~10-15 % faster than MKL at one row
@@ -32,7 +32,7 @@ _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def packed_weight(weight: torch.Tensor, gemm: bool) -> torch.Tensor:
-    """weight [out, in] packed for litmus_kernels/cpu's GEMM (gemm) or reordered for oneDNN, packed
+    """weight [out, in] packed for kernels/cpu's GEMM (gemm) or reordered for oneDNN, packed
     again after any in-place edit."""
     entry = _PACKED.get(weight)
     if entry is None or entry[:2] != (weight._version, gemm):

@@ -1,5 +1,5 @@
 // Paged-attention decode on the CPU: one query token per sequence attends over the blocks its
-// block table lists, read in place from the cache. The torch reference (litmus_kernels/reference.py
+// block table lists, read in place from the cache. The torch reference (kernels/reference.py
 // decode_attention) gathers every sequence's blocks into a padded copy first, then multiplies:
 // at batch 64 that copy, written and read again, is most of a decode step's memory traffic.
 //

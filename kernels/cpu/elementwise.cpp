@@ -1,6 +1,6 @@
 // The per-token ops of a decoder layer on the CPU: RMSNorm (with the residual add fused),
 // rotary embedding, the gated activations, and writing K/V into the paged cache. Their torch
-// references (litmus_kernels/reference.py) are each a chain of small torch calls, and at batch 1 a layer
+// references (kernels/reference.py) are each a chain of small torch calls, and at batch 1 a layer
 // is dozens of such calls on a few hundred numbers: their dispatch, not their arithmetic, was a
 // third of a decode step. Each kernel here is one pass over its rows, a row's result depending on
 // that row alone (the same bits in any batch).

@@ -1,7 +1,7 @@
 """The one dispatch point between the Triton kernels, the C++ CPU kernels and the torch references.
 
 Each op runs its Triton kernel when the tensors are on CUDA and triton imports. On the CPU the
-backend is "cpp": litmus_kernels/cpu's C++ kernels (built on first use; if they can't be built, a
+backend is "cpp": kernels/cpu's C++ kernels (built on first use; if they can't be built, a
 warning and the references) for decode attention, the KV cache write, RMSNorm, rotary embedding,
 the gated activations and float32 linear layers (cpu_gemm); prefill attention and top-k/top-p
 run their torch references, there a few large torch calls each. LITMUS_KERNELS=triton|cpp|torch
@@ -160,7 +160,7 @@ def gelu_and_mul(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
 
 
 def cpu_gemm(x: torch.Tensor) -> bool:
-    """Whether a float32 linear layer on x runs litmus_kernels/cpu's GEMM (its weight packed by
+    """Whether a float32 linear layer on x runs kernels/cpu's GEMM (its weight packed by
     pack_linear_weight); otherwise torch's own matmul multiplies it (engine/layers/linear.py)."""
     return x.dtype == torch.float32 and _cpp(x)
 

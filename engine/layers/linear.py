@@ -19,27 +19,27 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from litmus_kernels import cpu, ops
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
-# weight -> (its version counter when packed, which kernel it was packed for, the packed copy).
-# A memo of a pure function of the weight's values, kept beside the modules: a weight replaced
-# and later put back (a planted fault undone) finds its pack again, and a discarded weight's pack
-# goes with it.
-_PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# Each weight tensor carries its pack as (its version counter when packed, which kernel it was
+# packed for, the packed copy): a pure function of the weight's values, so a weight replaced and
+# later put back (a planted fault undone) still has it, a discarded weight's pack goes with it,
+# and finding it is one attribute read (decode steps ask ~120 times a step; a weak-keyed memo's
+# lookup cost ~2 us of the ~8 around each product).
+_PACK = "_litmus_pack"
 
 
 def packed_weight(weight: torch.Tensor, gemm: bool) -> torch.Tensor:
     """weight [out, in] packed for kernels/cpu's GEMM (gemm) or reordered for oneDNN, packed
     again after any in-place edit."""
-    entry = _PACKED.get(weight)
-    if entry is None or entry[:2] != (weight._version, gemm):
+    entry = getattr(weight, _PACK, None)
+    if entry is None or entry[0] != weight._version or entry[1] != gemm:
         w = weight.detach()
         packed = ops.pack_linear_weight(w) if gemm else torch.ops.mkldnn._reorder_linear_weight(w, None)
         entry = (weight._version, gemm, packed)
-        _PACKED[weight] = entry
+        setattr(weight, _PACK, entry)
     return entry[2]
 
 
@@ -58,25 +58,17 @@ class PackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return super().forward(x)
-        # Decode steps call ~120 of these per step for products of a few microseconds each, so the
-        # common case (rows already flat, the last pack still valid) skips the general path's calls.
+        # Decode steps call ~120 of these per step for products of a few microseconds each: rows
+        # already flat skip the reshape and the view back.
         flat = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, x.shape[-1]).contiguous()
         if ops.cpu_gemm(x):
-            out = ops.linear(flat, self._packed(gemm=True), self.bias, self.out_features)
+            out = ops.linear(flat, packed_weight(self.weight, gemm=True), self.bias, self.out_features)
         elif flat.shape[0] == 1 and x.dtype == torch.float32 and mkl_runs_single_rows():
             return F.linear(x, self.weight, self.bias)
         else:
-            out = torch.ops.mkldnn._linear_pointwise(flat, self._packed(gemm=False), self.bias, "none", [], "")
+            out = torch.ops.mkldnn._linear_pointwise(flat, packed_weight(self.weight, gemm=False), self.bias,
+                                                     "none", [], "")
         return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
-
-    def _packed(self, gemm: bool) -> torch.Tensor:
-        """packed_weight(self.weight, gemm), its last answer kept on the module (checked against
-        the weight's identity and version): cheaper than the weak-keyed memo's lookup."""
-        weight, last = self.weight, self.__dict__.get("_last_pack")
-        if last is None or last[0] is not weight or last[1] != weight._version or last[2] != gemm:
-            last = (weight, weight._version, gemm, packed_weight(weight, gemm))
-            self.__dict__["_last_pack"] = last
-        return last[3]
 
 
 def pack_linears(model: nn.Module) -> int:
@@ -89,6 +81,6 @@ def pack_linears(model: nn.Module) -> int:
     for module in model.modules():
         if type(module) is nn.Linear and module.weight.dtype in PACKED_DTYPES and module.weight.device.type == "cpu":
             module.__class__ = PackedLinear
-            module._packed(gemm=ops.cpu_gemm(module.weight))
+            packed_weight(module.weight, gemm=ops.cpu_gemm(module.weight))
             count += 1
     return count

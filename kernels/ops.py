@@ -2,9 +2,9 @@
 
 Each op runs its Triton kernel when the tensors are on CUDA and triton imports. On the CPU the
 backend is "cpp": kernels/cpu's C++ kernels (built on first use; if they can't be built, a
-warning and the references) for decode attention, the KV cache write, RMSNorm, rotary embedding,
-the gated activations and float32 linear layers (cpu_gemm); prefill attention and top-k/top-p
-run their torch references, there a few large torch calls each. LITMUS_KERNELS=triton|cpp|torch
+warning and the references) for decode and prefill attention, the KV cache write, RMSNorm, rotary
+embedding, the gated activations and float32 linear layers (cpu_gemm); top-k/top-p runs its torch
+reference, there a few large torch calls. LITMUS_KERNELS=triton|cpp|torch
 forces one: forcing triton with no GPU runs the kernels through Triton's interpreter (slow: for
 tests), forcing cpp makes a failed build an error, forcing torch runs only the references (and
 torch's own matmul for the linear layers).
@@ -124,6 +124,9 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       soft_cap: float | None = None, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """See reference.prefill_attention; max_query_len (longest chunk) sizes the kernel's grid
     without reading the lengths back from the GPU."""
+    if _cpp(q):
+        return torch.ops.litmus.prefill_attention(q, k_cache, v_cache, query_start_loc, num_computed, block_tables,
+                                                  scale, sliding_window or 0, soft_cap or 0.0, alibi_slopes)
     if backend(q) == "triton":
         return triton_kernels().prefill_attention(q, k_cache, v_cache, query_start_loc, num_computed, block_tables,
                                                   max_query_len, scale, sliding_window, soft_cap, alibi_slopes)

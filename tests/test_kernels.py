@@ -320,6 +320,64 @@ def test_cpp_decode_attention_names_bad_input() -> None:
         _cpp_decode((q, k_cache, v_cache, tables, lens, scale), {**options, "alibi_slopes": torch.ones(3)})
 
 
+def _cpp_prefill(args, scale, options):
+    cpu.load()
+    return torch.ops.litmus.prefill_attention(*args, scale, options["sliding_window"] or 0, options["soft_cap"] or 0.0,
+                                              options["alibi_slopes"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(prefill_case(), st.sampled_from([8, 20, 64, 80, 128]), st.sampled_from([torch.float32, torch.bfloat16]))
+def test_cpp_prefill_attention_matches_reference(c: dict, head_dim: int, dtype: torch.dtype) -> None:
+    args, _, scale, options = _prefill_inputs({**c, "head_dim": head_dim}, dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1.6e-2
+    torch.testing.assert_close(_cpp_prefill(args, scale, options).float(),
+                               ref.prefill_attention(*args, scale, **options).float(), atol=tol, rtol=tol)
+
+
+@settings(max_examples=15, deadline=None)
+@given(prefill_case())
+def test_cpp_prefill_gives_each_token_the_bits_of_its_decode(c: dict) -> None:
+    # A token's attention must not depend on how its prompt was chunked or whether it was decoded:
+    # the engine's chunked prefill and preemption rely on it.
+    args, _, scale, options = _prefill_inputs(c)
+    q, k_cache, v_cache, starts, computed, tables = args
+    prefilled = _cpp_prefill(args, scale, options)
+    for i, (cached, n) in enumerate(c["chunks"]):
+        rows = slice(int(starts[i]), int(starts[i + 1]))
+        lens = torch.arange(cached + 1, cached + n + 1, device=DEVICE)
+        decoded = _cpp_decode((q[rows], k_cache, v_cache, tables[i].expand(n, -1), lens, scale), options)
+        assert torch.equal(prefilled[rows], decoded)
+
+
+def test_engine_prefill_runs_the_cpp_kernel_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LITMUS_KERNELS", raising=False)
+    c = dict(chunks=[(3, 9), (0, 4)], num_kv_heads=2, group=3, head_dim=20, block_size=4, head_major=True, seed=5,
+             sliding_window=None, soft_cap=None, alibi=False)
+    args, max_len, scale, options = _prefill_inputs(c)
+    assert torch.equal(ops.prefill_attention(*args, max_len, scale, **options), _cpp_prefill(args, scale, options))
+    monkeypatch.setenv("LITMUS_KERNELS", "torch")
+    assert torch.equal(ops.prefill_attention(*args, max_len, scale, **options),
+                       ref.prefill_attention(*args, scale, **options))
+
+
+def test_cpp_prefill_attention_names_bad_input() -> None:
+    c = dict(chunks=[(2, 5), (0, 3)], num_kv_heads=1, group=2, head_dim=16, block_size=4, head_major=False, seed=0,
+             sliding_window=None, soft_cap=None, alibi=False)
+    args, _, scale, options = _prefill_inputs(c)
+    q, k_cache, v_cache, starts, computed, tables = args
+    with pytest.raises(RuntimeError, match="query_start_loc must run from 0 to the 8 query rows"):
+        _cpp_prefill((q, k_cache, v_cache, starts + 1, computed, tables), scale, options)
+    with pytest.raises(RuntimeError, match="one more entry than num_computed"):
+        _cpp_prefill((q, k_cache, v_cache, starts[:-1], computed, tables), scale, options)
+    with pytest.raises(RuntimeError, match="does not fit its block table"):
+        _cpp_prefill((q, k_cache, v_cache, starts, computed + 40, tables), scale, options)
+    outside = tables.clone()
+    outside[0, 0] = k_cache.shape[0]
+    with pytest.raises(RuntimeError, match=f"block {k_cache.shape[0]} is outside the cache"):
+        _cpp_prefill((q, k_cache, v_cache, starts, computed, outside), scale, options)
+
+
 # ---------------------------------------------------------------- C++ CPU per-token kernels vs references
 
 CPP_DTYPES = st.sampled_from([torch.float32, torch.bfloat16])

@@ -262,21 +262,25 @@ void write_kv_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor k_cache
                 " is outside the cache's ", num_slots, " slots");
   }
   const at::Tensor kc = k.contiguous(), vc = v.contiguous();
-  const int64_t heads = k.size(1), head_dim = k.size(2), bytes = head_dim * k.element_size();
-  const auto copy = [&](const at::Tensor& src, at::Tensor& cache) {
-    const char* from = static_cast<const char*>(src.data_ptr());
-    char* to = static_cast<char*>(cache.data_ptr());
-    const auto s = cache.strides();
-    const int64_t item = cache.element_size();
-    for (int64_t t = 0; t < slots.numel(); ++t) {
+  const int64_t tokens = slots.numel(), heads = k.size(1), head_dim = k.size(2), bytes = head_dim * k.element_size();
+  // Items [0, tokens) are the tokens' keys, [tokens, 2 * tokens) their values. A decode step
+  // writes each sequence's rows to a block of its own, cold in the caches and often a page the
+  // OS has yet to map (engine/worker/model_runner.py zeros_on_demand): two threads halve the
+  // wait on those misses and faults.
+  at::parallel_for(0, 2 * tokens, grain(heads * head_dim), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const bool value = i >= tokens;
+      const int64_t t = value ? i - tokens : i;
+      const at::Tensor& cache = value ? v_cache : k_cache;
+      const char* from = static_cast<const char*>((value ? vc : kc).data_ptr()) + t * heads * bytes;
+      char* to = static_cast<char*>(cache.data_ptr());
+      const auto s = cache.strides();
       const int64_t base = (slot[t] / block_size) * s[0] + (slot[t] % block_size) * s[1];
       for (int64_t h = 0; h < heads; ++h) {
-        std::memcpy(to + (base + h * s[2]) * item, from + (t * heads + h) * bytes, bytes);
+        std::memcpy(to + (base + h * s[2]) * cache.element_size(), from + h * bytes, bytes);
       }
     }
-  };
-  copy(kc, k_cache);
-  copy(vc, v_cache);
+  });
 }
 
 }  // namespace

@@ -291,8 +291,7 @@ def _activation_swapped(model: nn.Module, patch: Patch) -> list[str]:
         if isinstance(module, GatedActivation):
             kind = _gelu_kind(module, gated=True)
             if kind is not None:
-                swapped = _GELU_SWAP[kind]
-                patch.set(module, "fused", lambda x, swapped=swapped: litmus_kernels.ops.gelu_and_mul(x, swapped))
+                patch.set(module, "kernel", {"none": "gelu", "tanh": "gelu_tanh"}[_GELU_SWAP[kind]])
                 planted.append(name)
         elif callable(getattr(module, "act", None)) and not isinstance(module.act, nn.Module):
             kind = _gelu_kind(module.act, gated=False)

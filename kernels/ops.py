@@ -178,6 +178,18 @@ def linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.litmus.linear(x, packed_weight, bias, out_features)
 
 
+def pack_gated_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """float32 weight [2 * d, in] = [gate | up] -> the panels gated_linear multiplies by."""
+    return torch.ops.litmus.pack_gated_linear_weight(weight)
+
+
+def gated_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None, d: int,
+                 act: str) -> torch.Tensor:
+    """act(gate) * up of [gate | up] = x [rows, in] @ W^T + bias, W packed by pack_gated_linear_weight:
+    the same bits as linear followed by silu_and_mul / gelu_and_mul. act: silu, gelu, gelu_tanh."""
+    return torch.ops.litmus.gated_linear(x, packed_weight, bias, d, act)
+
+
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """logits [N, V] -> [N] int64: torch.argmax(dim=-1)'s answer (first maximum; NaN is the maximum)."""
     if logits.dtype == torch.float32 and logits.dim() == 2 and logits.shape[1] and _cpp(logits):

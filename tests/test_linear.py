@@ -136,3 +136,59 @@ def test_tied_weight_stays_tied() -> None:
     with torch.inference_mode():
         hidden = embedding(torch.tensor([3]))
         torch.testing.assert_close(model["head"](hidden), hidden @ embedding.weight.T, atol=1e-5, rtol=1e-5)
+
+
+_GATED_OPS = {
+    "silu": ops.silu_and_mul,
+    "gelu": lambda y: ops.gelu_and_mul(y, approximate="none"),
+    "gelu_tanh": lambda y: ops.gelu_and_mul(y, approximate="tanh"),
+}
+
+
+@pytest.mark.parametrize("act", sorted(_GATED_OPS))
+@pytest.mark.parametrize("rows,d,bias", [(1, 16, False), (7, 40, True), (64, 96, False), (300, 70, True)])
+def test_gated_gemm_gives_the_bits_of_the_gemm_then_the_activation(act: str, rows: int, d: int, bias: bool) -> None:
+    # d: a whole gated panel (32 pairs), three (96), and partial last panels (16, 40, 70); rows past
+    # one tile and one 256-row chunk; one thread and two.
+    cpu.load()
+    torch.manual_seed(rows * 100 + d)
+    weight, x = torch.randn(2 * d, 48), torch.randn(rows, 48)
+    b = torch.randn(2 * d) if bias else None
+    expected = _GATED_OPS[act](ops.linear(x, ops.pack_linear_weight(weight), b, 2 * d))
+    for threads in (1, 2):
+        with torch_threads(threads):
+            got = ops.gated_linear(x, ops.pack_gated_linear_weight(weight), b, d, act)
+        assert torch.equal(got, expected), threads
+
+
+def test_gated_gemm_names_bad_input() -> None:
+    cpu.load()
+    packed = ops.pack_gated_linear_weight(torch.randn(80, 40))
+    with pytest.raises(RuntimeError, match="are not \\[gate \\| up\\]"):
+        ops.pack_gated_linear_weight(torch.randn(81, 40))
+    with pytest.raises(RuntimeError, match="act must be 'silu', 'gelu' or 'gelu_tanh', got 'relu'"):
+        ops.gated_linear(torch.randn(3, 40), packed, None, 40, "relu")
+    with pytest.raises(RuntimeError, match="bias must be float32 \\[80\\]"):
+        ops.gated_linear(torch.randn(3, 40), packed, torch.zeros(40), 40, "silu")
+    with pytest.raises(RuntimeError, match="does not match input"):
+        ops.gated_linear(torch.randn(3, 40), packed, None, 80, "silu")
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh", "relu"])
+def test_gated_activation_projects_as_it_applies(monkeypatch: pytest.MonkeyPatch, act: str) -> None:
+    # With a kernel for the activation the projection is marked and packed for the gated GEMM, and
+    # project() equals the activation of the projection; without one (relu) nothing changes.
+    monkeypatch.delenv("LITMUS_KERNELS", raising=False)
+    from engine.layers.activation import GatedActivation
+
+    projection = nn.Linear(24, 2 * 40)
+    gated = GatedActivation(act, projection)
+    assert getattr(projection, "gated_projection", False) == (act != "relu")
+    pack_linears(projection)
+    x = torch.randn(2, 5, 24)
+    with torch.inference_mode():
+        fused = gated.project(projection, x)
+        layout = projection.weight._litmus_pack[1]  # what project() multiplied by
+        separate = gated(projection(x))
+    assert layout == ("gemm" if act == "relu" else "gated")
+    assert fused.shape == (2, 5, 40) and torch.equal(fused, separate)

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.layers.linear import PackedLinear
 from litmus_kernels import ops
 
 _ACTIVATIONS = {
@@ -25,26 +26,36 @@ def get_act_fn(name: str):
         raise NotImplementedError(f"activation {name!r} is not implemented by the engine") from None
 
 
-# Gated activations with a fused kernel; any other activation runs as act(gate) * up.
-_FUSED_GATED = {
-    "silu": ops.silu_and_mul,
-    "swish": ops.silu_and_mul,
-    "gelu": ops.gelu_and_mul,
-    "gelu_pytorch_tanh": lambda x: ops.gelu_and_mul(x, approximate="tanh"),
-    "gelu_new": lambda x: ops.gelu_and_mul(x, approximate="tanh"),
-}
+# Gated activations with C++ / Triton kernels, by the name those kernels give them; any other
+# activation runs as act(gate) * up.
+_KERNELS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 
 
 class GatedActivation(nn.Module):
-    """act(gate) * up over a fused [gate | up] projection output."""
+    """act(gate) * up over a fused [gate | up] projection output.
 
-    def __init__(self, act: str):
+    Built with that projection (an nn.Linear), it marks it `gated_projection` when act has a kernel, so the
+    CPU GEMM packs it to store act(gate) * up itself: project(x) then runs both in one pass.
+    """
+
+    def __init__(self, act: str, projection: nn.Linear | None = None):
         super().__init__()
         self.act = get_act_fn(act)
-        self.fused = _FUSED_GATED.get(act)
+        self.kernel = _KERNELS.get(act)
+        if projection is not None and self.kernel is not None:
+            projection.gated_projection = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused is not None:
-            return self.fused(x)
+        if self.kernel == "silu":
+            return ops.silu_and_mul(x)
+        if self.kernel is not None:
+            return ops.gelu_and_mul(x, approximate="tanh" if self.kernel == "gelu_tanh" else "none")
         gate, up = x.chunk(2, dim=-1)
         return self.act(gate) * up
+
+    def project(self, projection: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """self(projection(x)), with the activation applied by the GEMM where it can be."""
+        out = None
+        if self.kernel is not None and isinstance(projection, PackedLinear):
+            out = projection.gated(x, self.kernel)
+        return out if out is not None else self(projection(x))

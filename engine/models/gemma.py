@@ -76,11 +76,11 @@ class GemmaMLP(nn.Module):
         super().__init__()
         inter = config.intermediate_size
         self.gate_up_proj = fused_linear(config.hidden_size, [inter, inter], False)
-        self.act = GatedActivation(act)
+        self.act = GatedActivation(act, self.gate_up_proj)
         self.down_proj = nn.Linear(inter, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return self.down_proj(self.act.project(self.gate_up_proj, x))
 
 
 class GemmaDecoderLayer(nn.Module):

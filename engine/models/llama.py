@@ -142,14 +142,14 @@ class LlamaMLP(nn.Module):
         self.gated = arch not in ("NemotronForCausalLM", "Starcoder2ForCausalLM")
         if self.gated:
             self.gate_up_proj = fused_linear(config.hidden_size, [inter, inter], bias)
-            self.act = GatedActivation(config.hidden_act)
+            self.act = GatedActivation(config.hidden_act, self.gate_up_proj)
         else:
             self.up_proj = nn.Linear(config.hidden_size, inter, bias=bias)
             self.act = get_act_fn(config.hidden_act)
         self.down_proj = nn.Linear(inter, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x) if self.gated else self.up_proj(x)))
+        return self.down_proj(self.act.project(self.gate_up_proj, x) if self.gated else self.act(self.up_proj(x)))
 
 
 def is_moe_layer(config: PretrainedConfig, layer_idx: int, arch: str) -> bool:

@@ -176,12 +176,12 @@ std::tuple<at::Tensor, at::Tensor> rotary_embedding(const at::Tensor& positions,
 
 // ------------------------------------------------------------------ gated activations
 
-inline Vec silu(Vec x) { return x / (1.0f + litmus::exp(-x)); }
+using litmus::Gate;
 
 // act(gate) * up over x = [gate | up] on the last dim, act computed in float32 and rounded to
 // the dtype before the product, as the reference rounds F.silu / F.gelu's output.
-template <typename scalar_t, typename Act>
-at::Tensor gated(const at::Tensor& x, const char* op, Act act) {
+template <typename scalar_t, Gate kGate>
+at::Tensor gated(const at::Tensor& x, const char* op) {
   check_cpu(x, op);
   TORCH_CHECK(x.size(-1) % 2 == 0, "litmus::", op, ": the last dim (", x.size(-1), ") is not [gate | up]");
   const at::Tensor input = x.contiguous();
@@ -198,12 +198,12 @@ at::Tensor gated(const at::Tensor& x, const char* op, Act act) {
       scalar_t* row = o + r * d;
       int64_t i = 0;
       for (; i + kLanes <= d; i += kLanes) {
-        store_vec(row + i, litmus::round_to<scalar_t>(act(load_vec(gate + i))) * load_vec(up + i));
+        store_vec(row + i, litmus::round_to<scalar_t>(litmus::activate<kGate>(load_vec(gate + i))) * load_vec(up + i));
       }
       for (; i < d; ++i) {
         Vec one = {};
         one[0] = static_cast<float>(gate[i]);
-        const float a = static_cast<float>(static_cast<scalar_t>(act(one)[0]));
+        const float a = static_cast<float>(static_cast<scalar_t>(litmus::activate<kGate>(one)[0]));
         row[i] = static_cast<scalar_t>(a * static_cast<float>(up[i]));
       }
     }
@@ -214,7 +214,7 @@ at::Tensor gated(const at::Tensor& x, const char* op, Act act) {
 at::Tensor silu_and_mul(const at::Tensor& x) {
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "litmus_silu_and_mul", [&] {
-    out = gated<scalar_t>(x, "silu_and_mul", silu);
+    out = gated<scalar_t, Gate::kSilu>(x, "silu_and_mul");
   });
   return out;
 }
@@ -223,18 +223,9 @@ at::Tensor gelu_and_mul(const at::Tensor& x, c10::string_view approximate) {
   const bool tanh_form = approximate == "tanh";
   TORCH_CHECK(tanh_form || approximate == "none", "litmus::gelu_and_mul: approximate must be 'none' or 'tanh', got '",
               std::string(approximate), "'");
-  auto gelu = [tanh_form](Vec x) {
-    Vec out;
-    for (int64_t l = 0; l < kLanes; ++l) {
-      const float v = x[l];
-      out[l] = tanh_form ? 0.5f * v * (1.f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)))
-                         : 0.5f * v * (1.f + std::erf(v * 0.7071067811865476f));
-    }
-    return out;
-  };
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "litmus_gelu_and_mul", [&] {
-    out = gated<scalar_t>(x, "gelu_and_mul", gelu);
+    out = tanh_form ? gated<scalar_t, Gate::kGeluTanh>(x, "gelu_and_mul") : gated<scalar_t, Gate::kGelu>(x, "gelu_and_mul");
   });
   return out;
 }

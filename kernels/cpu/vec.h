@@ -3,6 +3,7 @@
 // not by the optimizer's guess.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -84,6 +85,25 @@ inline Vec exp(Vec x) {
   std::memcpy(&scale_b, &bits_b, sizeof scale_b);
   const Vec out = p * scale_a * scale_b;
   return low ? Vec{} : (high ? Vec{} + __builtin_huge_valf() : out);
+}
+
+// The gated MLPs' activations, shared by the gated-activation kernels and the GEMM that applies
+// them as it stores (linear.cpp), so that both give the same bits.
+enum class Gate { kSilu, kGelu, kGeluTanh };
+
+template <Gate kGate>
+inline Vec activate(Vec x) {
+  if constexpr (kGate == Gate::kSilu) {
+    return x / (1.0f + exp(-x));
+  } else {
+    Vec out;
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const float v = x[l];
+      out[l] = kGate == Gate::kGeluTanh ? 0.5f * v * (1.f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)))
+                                        : 0.5f * v * (1.f + std::erf(v * 0.7071067811865476f));
+    }
+    return out;
+  }
 }
 
 }  // namespace litmus

@@ -361,6 +361,20 @@ def test_engine_prefill_runs_the_cpp_kernel_by_default(monkeypatch: pytest.Monke
                        ref.prefill_attention(*args, scale, **options))
 
 
+def test_cpp_attention_reads_no_block_before_a_sliding_window() -> None:
+    # A window's earlier blocks may have been let go: their table entries must not be read, nor
+    # rejected as outside the cache.
+    c = dict(context_lens=[30, 9], num_kv_heads=2, group=2, head_dim=16, block_size=4, head_major=True, seed=1,
+             sliding_window=8, soft_cap=None, alibi=False)
+    (q, k_cache, v_cache, tables, lens, scale), options = _decode_inputs(c)
+    expected = _cpp_decode((q, k_cache, v_cache, tables, lens, scale), options)
+    released = tables.clone()
+    released[0, :(30 - 8) // 4] = -1
+    assert torch.equal(_cpp_decode((q, k_cache, v_cache, released, lens, scale), options), expected)
+    with pytest.raises(RuntimeError, match="block -1 is outside the cache"):
+        _cpp_decode((q, k_cache, v_cache, released, lens, scale), {**options, "sliding_window": None})
+
+
 def test_cpp_prefill_attention_names_bad_input() -> None:
     c = dict(chunks=[(2, 5), (0, 3)], num_kv_heads=1, group=2, head_dim=16, block_size=4, head_major=False, seed=0,
              sliding_window=None, soft_cap=None, alibi=False)

@@ -225,7 +225,8 @@ at::Tensor gelu_and_mul(const at::Tensor& x, c10::string_view approximate) {
               std::string(approximate), "'");
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "litmus_gelu_and_mul", [&] {
-    out = tanh_form ? gated<scalar_t, Gate::kGeluTanh>(x, "gelu_and_mul") : gated<scalar_t, Gate::kGelu>(x, "gelu_and_mul");
+    out = tanh_form ? gated<scalar_t, Gate::kGeluTanh>(x, "gelu_and_mul")
+                    : gated<scalar_t, Gate::kGelu>(x, "gelu_and_mul");
   });
   return out;
 }

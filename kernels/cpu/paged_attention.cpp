@@ -241,7 +241,8 @@ at::Tensor run(const char* op, const at::Tensor& q, const at::Tensor& k_cache, c
               ": expected q [T, Hq, D] and k/v caches [blocks, block_size, Hkv, D]");
   TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(), "litmus::", op,
               ": q and the caches must share a dtype");
-  TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1, "litmus::", op, ": the caches' head_dim must be contiguous");
+  TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1, "litmus::", op,
+              ": the caches' head_dim must be contiguous");
   TORCH_CHECK(q.size(2) == k_cache.size(3) && q.size(1) % k_cache.size(2) == 0, "litmus::", op,
               ": q does not match the cache");
   TORCH_CHECK(tables.dim() == 2, "litmus::", op, ": block_tables must be [sequences, max_blocks]");
@@ -253,8 +254,10 @@ at::Tensor run(const char* op, const at::Tensor& q, const at::Tensor& k_cache, c
   for (int64_t r = 0; r < lens.numel(); ++r) {
     TORCH_CHECK(len[r] >= 1 && len[r] <= width * block_size, "litmus::", op, ": context length ", len[r],
                 " does not fit its block table of ", width, " blocks of ", block_size);
+    // A sliding window reads only its own blocks: those before it may have been let go.
     const int64_t* blocks = table + (row ? row[r] : r) * width;
-    for (int64_t b = 0; b * block_size < len[r]; ++b) {
+    const int64_t first = sliding_window > 0 ? std::max<int64_t>(0, len[r] - sliding_window) : 0;
+    for (int64_t b = first / block_size; b * block_size < len[r]; ++b) {
       TORCH_CHECK(blocks[b] >= 0 && blocks[b] < num_blocks, "litmus::", op, ": block ", blocks[b],
                   " is outside the cache's ", num_blocks, " blocks");
     }

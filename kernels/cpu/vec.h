@@ -99,8 +99,9 @@ inline Vec activate(Vec x) {
     Vec out;
     for (int64_t l = 0; l < kLanes; ++l) {
       const float v = x[l];
-      out[l] = kGate == Gate::kGeluTanh ? 0.5f * v * (1.f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)))
-                                        : 0.5f * v * (1.f + std::erf(v * 0.7071067811865476f));
+      out[l] = kGate == Gate::kGeluTanh
+                   ? 0.5f * v * (1.f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)))
+                   : 0.5f * v * (1.f + std::erf(v * 0.7071067811865476f));
     }
     return out;
   }

@@ -383,6 +383,37 @@ def test_chunked_prefill_gives_the_same_tokens(llama_path: Path, prompt_ids, ref
     assert outs == reference
 
 
+def _logprob_bits(outputs) -> list:
+    """Every sampled and prompt logprob of each output, as exact floats."""
+    def values(entries):
+        return [None if e is None else sorted((t, lp.logprob) for t, lp in e.items()) for e in entries or []]
+    return [(values(o.prompt_logprobs), values(o.outputs[0].logprobs)) for o in outputs]
+
+
+def test_cpu_kernels_give_each_sequence_the_same_logprob_bits_in_any_batch_and_chunking(llama_path: Path,
+                                                                                      prompt_ids) -> None:
+    # Every CPU kernel computes a row from that row alone (the GEMM, attention for a prompt token or a
+    # decode alike, the norms): batching, chunked prefill and the prefix cache change no bit of what a
+    # sequence gets, as if it ran alone.
+    from litmus_kernels import cpu, ops
+
+    if ops.backend(torch.zeros(1)) != "cpp" or not cpu.available():
+        pytest.skip("the C++ CPU kernels are not what runs here (LITMUS_KERNELS or no compiler)")
+    params = dict(max_tokens=8, ignore_eos=True, logprobs=3, prompt_logprobs=2, **GREEDY)
+    prompts = ids_prompts(prompt_ids)
+    expected = _logprob_bits(gen(make_llm(llama_path), prompts, **params))
+    alone = make_llm(llama_path)
+    assert [_logprob_bits(gen(alone, [p], **params))[0] for p in prompts] == expected
+    assert _logprob_bits(gen(make_llm(llama_path, max_num_batched_tokens=5), prompts, **params)) == expected
+    # Prompt logprobs turn the prefix lookup off, so the cached runs sample only.
+    cached = make_llm(llama_path, enable_prefix_caching=True, block_size=4)
+    sampled = {**params, "prompt_logprobs": None}
+    gen(cached, prompts, **sampled)
+    hits = cached.llm_engine.block_manager.prefix_hits
+    assert [bits[1] for bits in _logprob_bits(gen(cached, prompts, **sampled))] == [bits[1] for bits in expected]
+    assert cached.llm_engine.block_manager.prefix_hits > hits
+
+
 def test_prefix_caching_gives_the_same_tokens_and_hits(llama_path: Path, tokenizer, llm: LLM) -> None:
     shared = " ".join(["Shared system prompt: be brief, be kind, and answer in English."] * 3)
     prompts = [shared + q for q in (" What is 2+2?", " Name a color.", " Say hi.", "")] + [shared]

@@ -269,14 +269,15 @@ def _tied_embeddings_untied(model: nn.Module, patch: Patch) -> list[str]:
 
 # The swap a gelu-family activation suffers: exact erf GELU <-> its tanh approximation.
 _GELU_SWAP = {"none": "tanh", "tanh": "none"}
+# The same swap by the names GatedActivation's kernels go by.
+_GATED_GELU_SWAP = {"gelu": "gelu_tanh", "gelu_tanh": "gelu"}
 
 
-def _gelu_kind(fn: Callable[[torch.Tensor], torch.Tensor], gated: bool) -> str | None:
+def _gelu_kind(fn: Callable[[torch.Tensor], torch.Tensor]) -> str | None:
     """Which GELU `fn` computes ("none" for erf, "tanh"), found by probing it; None for other activations."""
     x = torch.linspace(-4, 4, 101)
-    probe = torch.cat([x, torch.ones_like(x)]) if gated else x
     with torch.no_grad():
-        out = fn(probe)
+        out = fn(x)
     # Within float32 rounding of torch's GELU (a C++ kernel's tanh/erf differ in the last bits);
     # the erf and tanh forms differ by up to ~5e-4 here.
     for kind in _GELU_SWAP:
@@ -289,12 +290,11 @@ def _activation_swapped(model: nn.Module, patch: Patch) -> list[str]:
     planted = []
     for name, module in model.named_modules():
         if isinstance(module, GatedActivation):
-            kind = _gelu_kind(module, gated=True)
-            if kind is not None:
-                patch.set(module, "kernel", {"none": "gelu", "tanh": "gelu_tanh"}[_GELU_SWAP[kind]])
+            if module.kernel in _GATED_GELU_SWAP:
+                patch.set(module, "kernel", _GATED_GELU_SWAP[module.kernel])
                 planted.append(name)
         elif callable(getattr(module, "act", None)) and not isinstance(module.act, nn.Module):
-            kind = _gelu_kind(module.act, gated=False)
+            kind = _gelu_kind(module.act)
             if kind is not None:
                 patch.set(module, "act", lambda x, swapped=_GELU_SWAP[kind]: F.gelu(x, approximate=swapped))
                 planted.append(f"{name}.act")

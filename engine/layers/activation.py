@@ -34,8 +34,9 @@ _KERNELS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh"
 class GatedActivation(nn.Module):
     """act(gate) * up over a fused [gate | up] projection output.
 
-    Built with that projection (an nn.Linear), it marks it `gated_projection` when act has a kernel, so the
-    CPU GEMM packs it to store act(gate) * up itself: project(x) then runs both in one pass.
+    Built with that projection (an nn.Linear), it marks it `gated_projection` when act has a
+    kernel, so the CPU GEMM packs it to store act(gate) * up itself: project(x) then runs both in
+    one pass.
     """
 
     def __init__(self, act: str, projection: nn.Linear | None = None):

@@ -12,8 +12,9 @@ bfloat16 runs oneDNN with a weight reordered ahead of time into its blocked layo
 re-packed on every call): on the 2-core AMD EPYC 1.9x faster than torch's matmul at batch 1,
 1.15x at 64, even from 512 on; on the Xeon 1.4-3x.
 
-A gated MLP's [gate | up] projection marked `gated_projection` (GatedActivation with a kernel for its
-activation marks it) is packed for the GEMM that stores act(gate) * up itself (PackedLinear.gated).
+A gated MLP's [gate | up] projection marked `gated_projection` (GatedActivation with a kernel for
+its activation marks it) is packed for the GEMM that stores act(gate) * up itself
+(PackedLinear.gated).
 """
 from __future__ import annotations
 

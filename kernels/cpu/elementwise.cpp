@@ -198,7 +198,8 @@ at::Tensor gated(const at::Tensor& x, const char* op) {
       scalar_t* row = o + r * d;
       int64_t i = 0;
       for (; i + kLanes <= d; i += kLanes) {
-        store_vec(row + i, litmus::round_to<scalar_t>(litmus::activate<kGate>(load_vec(gate + i))) * load_vec(up + i));
+        const Vec act = litmus::round_to<scalar_t>(litmus::activate<kGate>(load_vec(gate + i)));
+        store_vec(row + i, act * load_vec(up + i));
       }
       for (; i < d; ++i) {
         Vec one = {};
@@ -259,18 +260,23 @@ void write_kv_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor k_cache
   // writes each sequence's rows to a block of its own, cold in the caches and often a page the
   // OS has yet to map (engine/worker/model_runner.py zeros_on_demand): two threads halve the
   // wait on those misses and faults.
+  struct Copy {
+    const char* from;
+    char* to;
+    int64_t block, offset, head;  // the cache's strides, in bytes
+  };
+  const auto copy_of = [&](const at::Tensor& src, const at::Tensor& cache) {
+    const int64_t item = cache.element_size();
+    return Copy{static_cast<const char*>(src.data_ptr()), static_cast<char*>(cache.data_ptr()),
+                cache.stride(0) * item, cache.stride(1) * item, cache.stride(2) * item};
+  };
+  const Copy copies[2] = {copy_of(kc, k_cache), copy_of(vc, v_cache)};
   at::parallel_for(0, 2 * tokens, grain(heads * head_dim), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const bool value = i >= tokens;
-      const int64_t t = value ? i - tokens : i;
-      const at::Tensor& cache = value ? v_cache : k_cache;
-      const char* from = static_cast<const char*>((value ? vc : kc).data_ptr()) + t * heads * bytes;
-      char* to = static_cast<char*>(cache.data_ptr());
-      const auto s = cache.strides();
-      const int64_t base = (slot[t] / block_size) * s[0] + (slot[t] % block_size) * s[1];
-      for (int64_t h = 0; h < heads; ++h) {
-        std::memcpy(to + (base + h * s[2]) * cache.element_size(), from + h * bytes, bytes);
-      }
+      const Copy& c = copies[i / tokens];
+      const int64_t t = i % tokens;
+      char* to = c.to + (slot[t] / block_size) * c.block + (slot[t] % block_size) * c.offset;
+      for (int64_t h = 0; h < heads; ++h) std::memcpy(to + h * c.head, c.from + (t * heads + h) * bytes, bytes);
     }
   });
 }

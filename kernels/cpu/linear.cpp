@@ -54,37 +54,50 @@ struct Prefetch {
   int vecs;
 };
 
-// How a tile's sums (kV vectors a row, bias added) reach the output: `cols` of them as they are.
+// How a tile's sums (kV vectors a row) reach the output, with the bias (from the tile's first
+// output feature on, or none) added: `cols` of them as they are...
 struct Plain {
   static constexpr bool kGated = false;
   template <int kV>
-  static void store(const float* sums, float* out, int64_t cols) {
+  void store(float* sums, const float* bias, float* out, int64_t cols) const {
+    if (bias) {
+      for (int64_t j = 0; j < cols; ++j) sums[j] += bias[j];
+    }
     std::memcpy(out, sums, cols * sizeof(float));
   }
 };
 
-// ... or, of a gated panel's [32 gate | 32 up] sums, `cols` outputs act(gate) * up.
+// ... or, of a gated panel's [32 gate | 32 up] sums, `cols` outputs act(gate) * up; the up
+// features' bias lies `up` entries after the gate's.
 template <Gate kGate>
 struct Gated {
   static constexpr bool kGated = true;
+  int64_t up;
   template <int kV>
-  static void store(const float* sums, float* out, int64_t cols) {
+  void store(float* sums, const float* bias, float* out, int64_t cols) const {
     static_assert(kV == kVecs, "a gated tile holds whole panels");
-    float gated[kHalf * kLanes];
+    constexpr int64_t kPairs = kHalf * kLanes;
+    if (bias) {
+      for (int64_t j = 0; j < cols; ++j) {
+        sums[j] += bias[j];
+        sums[kPairs + j] += bias[up + j];
+      }
+    }
+    float gated[kPairs];
     for (int v = 0; v < kHalf; ++v) {
-      const Vec gate = load_vec(sums + v * kLanes), up = load_vec(sums + (kHalf + v) * kLanes);
-      store_vec(gated + v * kLanes, litmus::activate<kGate>(gate) * up);
+      const Vec gate = load_vec(sums + v * kLanes), up_sums = load_vec(sums + kPairs + v * kLanes);
+      store_vec(gated + v * kLanes, litmus::activate<kGate>(gate) * up_sums);
     }
     std::memcpy(out, gated, cols * sizeof(float));
   }
 };
 
-// out[r, :cols] = the Epilogue's store of x[r] . panel[:, :kV vectors] (+ bias, `bias_cols` of it)
-// for the tile's kRows rows, prefetching pf's rows. A column's sums do not depend on which other
-// columns the tile computes.
+// out[r, :cols] = the epilogue's store of x[r] . panel[:, :kV vectors] and the bias, for the
+// tile's kRows rows, prefetching pf's rows. A column's sums do not depend on which other columns
+// the tile computes.
 template <int kRows, int kV, typename Epilogue>
-void tile(const float* x, int64_t in_features, const float* panel, const float* bias, int64_t bias_cols, float* out,
-          int64_t out_features, int64_t cols, Prefetch pf) {
+void tile(const float* x, int64_t in_features, const float* panel, const float* bias, float* out,
+          int64_t out_features, int64_t cols, Prefetch pf, const Epilogue& epilogue) {
   Vec acc[kRows][kV] = {};
   int64_t countdown = 1;
   for (int64_t k = 0; k < in_features; ++k) {
@@ -103,22 +116,17 @@ void tile(const float* x, int64_t in_features, const float* panel, const float* 
   for (int r = 0; r < kRows; ++r) {
     float row[kV * kLanes];
     for (int v = 0; v < kV; ++v) store_vec(row + v * kLanes, acc[r][v]);
-    if (bias) {
-      for (int64_t j = 0; j < bias_cols; ++j) row[j] += bias[j];
-    }
-    Epilogue::template store<kV>(row, out + r * out_features, cols);
+    epilogue.template store<kV>(row, bias, out + r * out_features, cols);
   }
 }
 
 // The tile for `rows` (1..kMaxRows) rows: each row count compiles to its own register tile.
 template <int kV, typename Epilogue, int kRows = kMaxRows>
-void tile_of(int64_t rows, const float* x, int64_t in_features, const float* panel, const float* bias,
-             int64_t bias_cols, float* out, int64_t out_features, int64_t cols, Prefetch pf) {
+void tile_of(int64_t rows, const float* x, int64_t in_features, const float* panel, const float* bias, float* out,
+             int64_t out_features, int64_t cols, Prefetch pf, const Epilogue& epilogue) {
   if constexpr (kRows > 0) {
-    if (rows == kRows) {
-      return tile<kRows, kV, Epilogue>(x, in_features, panel, bias, bias_cols, out, out_features, cols, pf);
-    }
-    tile_of<kV, Epilogue, kRows - 1>(rows, x, in_features, panel, bias, bias_cols, out, out_features, cols, pf);
+    if (rows == kRows) return tile<kRows, kV>(x, in_features, panel, bias, out, out_features, cols, pf, epilogue);
+    tile_of<kV, Epilogue, kRows - 1>(rows, x, in_features, panel, bias, out, out_features, cols, pf, epilogue);
   }
 }
 
@@ -170,10 +178,10 @@ at::Tensor pack_gated_linear_weight(const at::Tensor& weight) {
   });
 }
 
-// y = x W^T + b through W's panels; a gated Epilogue stores act(gate) * up, `out_features` of them.
+// y = x W^T + b through W's panels; a gated epilogue stores act(gate) * up, `out_features` of them.
 template <typename Epilogue>
 at::Tensor gemm(const char* name, const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
-                int64_t out_features) {
+                int64_t out_features, const Epilogue& epilogue) {
   // Features a panel computes and outputs: a gated panel turns 32 pairs into 32 outputs.
   constexpr int64_t kOutputs = Epilogue::kGated ? kHalf * kLanes : kPanel;
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2, "litmus::", name,
@@ -183,19 +191,12 @@ at::Tensor gemm(const char* name, const at::Tensor& x, const at::Tensor& packed,
               "litmus::", name, ": the packed weight ", packed.sizes(), " does not match input ", x.sizes(), " and ",
               out_features, " output features");
   const int64_t rows = x.size(0), in_features = x.size(1), panels = packed.size(0);
-  // The bias as the panels lay out their features (a gated one's interleaved), zeros past the end.
   at::Tensor b;
   if (bias.has_value()) {
     const int64_t features = Epilogue::kGated ? 2 * out_features : out_features;
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == features, "litmus::", name,
                 ": bias must be float32 [", features, "]");
     b = bias->contiguous();
-    if (Epilogue::kGated) {
-      b = pack(b.view({features, 1}), panels, [&](int64_t p, int64_t j) {
-        const int64_t f = p * kOutputs + j % kOutputs;
-        return f < out_features ? f + (j < kOutputs ? 0 : out_features) : -1;
-      }).view({-1});
-    }
   }
   const at::Tensor input = x.contiguous();
   at::Tensor out = at::empty({rows, out_features}, x.options());
@@ -211,7 +212,7 @@ at::Tensor gemm(const char* name, const at::Tensor& x, const at::Tensor& packed,
     const int64_t first_panel = begin / kUnits, end_panel = (end + kUnits - 1) / kUnits;
     // The vectors [v0, v1) of panel p in this thread's units.
     const auto vectors = [&](int64_t p) {
-      if (kUnits == 1) return std::pair<int, int>{0, kVecs};
+      if constexpr (kUnits == 1) return std::pair<int, int>{0, kVecs};
       return std::pair<int, int>{2 * p >= begin ? 0 : kHalf, 2 * p + 1 < end ? kVecs : kHalf};
     };
     // The row chunk's inputs stay in L2 while each panel meets all of its row tiles; the tiles
@@ -227,8 +228,7 @@ at::Tensor gemm(const char* name, const at::Tensor& x, const at::Tensor& packed,
         const int64_t cols = std::min<int64_t>(kOutputs * (v1 - v0) / kVecs, out_features - col0);
         if (cols <= 0) continue;
         const float* panel = wp + p * in_features * kPanel + v0 * kLanes;
-        const float* panel_bias = bp ? bp + p * (Epilogue::kGated ? kPanel : kOutputs) + v0 * kLanes : nullptr;
-        const int64_t bias_cols = Epilogue::kGated ? kPanel : cols;
+        const float* panel_bias = bp ? bp + col0 : nullptr;
         // This thread's vectors of the next panel, if it has one: its last panel prefetches nothing.
         const bool prefetch = p + 1 < end_panel;
         const auto [n0, n1] = prefetch ? vectors(p + 1) : std::pair<int, int>{0, 0};
@@ -241,11 +241,9 @@ at::Tensor gemm(const char* name, const at::Tensor& x, const at::Tensor& packed,
           float* tile_out = op + r * out_features + col0;
           const float* tile_x = xp + r * in_features;
           if (v1 - v0 == kVecs) {
-            tile_of<kVecs, Epilogue>(n, tile_x, in_features, panel, panel_bias, bias_cols, tile_out, out_features,
-                                     cols, pf);
+            tile_of<kVecs>(n, tile_x, in_features, panel, panel_bias, tile_out, out_features, cols, pf, epilogue);
           } else if constexpr (!Epilogue::kGated) {
-            tile_of<kHalf, Epilogue>(n, tile_x, in_features, panel, panel_bias, bias_cols, tile_out, out_features,
-                                     cols, pf);
+            tile_of<kHalf>(n, tile_x, in_features, panel, panel_bias, tile_out, out_features, cols, pf, epilogue);
           }
         }
       }
@@ -257,18 +255,18 @@ at::Tensor gemm(const char* name, const at::Tensor& x, const at::Tensor& packed,
 // x [rows, in_features] float32; packed from pack_linear_weight; bias [out_features] or none.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
                   int64_t out_features) {
-  return gemm<Plain>("linear", x, packed, bias, out_features);
+  return gemm("linear", x, packed, bias, out_features, Plain{});
 }
 
 // act(gate) * up of [gate | up] = x W^T + b, W packed by pack_gated_linear_weight, bias [2 * d]
 // or none; act is "silu", "gelu" or "gelu_tanh". Returns [rows, d].
 at::Tensor gated_linear(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
                         int64_t d, c10::string_view act) {
-  if (act == "silu") return gemm<Gated<Gate::kSilu>>("gated_linear", x, packed, bias, d);
-  if (act == "gelu") return gemm<Gated<Gate::kGelu>>("gated_linear", x, packed, bias, d);
+  if (act == "silu") return gemm("gated_linear", x, packed, bias, d, Gated<Gate::kSilu>{d});
+  if (act == "gelu") return gemm("gated_linear", x, packed, bias, d, Gated<Gate::kGelu>{d});
   TORCH_CHECK(act == "gelu_tanh", "litmus::gated_linear: act must be 'silu', 'gelu' or 'gelu_tanh', got '",
               std::string(act), "'");
-  return gemm<Gated<Gate::kGeluTanh>>("gated_linear", x, packed, bias, d);
+  return gemm("gated_linear", x, packed, bias, d, Gated<Gate::kGeluTanh>{d});
 }
 
 }  // namespace

@@ -94,6 +94,12 @@ inline void add_weighted_rows(float* a, const float* p, const scalar_t* value, i
 
 constexpr int64_t kAhead = 32;  // tokens of keys prefetched ahead of the one being scored
 
+// The first of a row's len tokens it attends to. HF's window: a token sees itself and the
+// sliding_window - 1 tokens before it (0: no window).
+inline int64_t first_attended(int64_t len, int64_t sliding_window) {
+  return sliding_window > 0 ? std::max<int64_t>(0, len - sliding_window) : 0;
+}
+
 // Items [bounds[t], bounds[t + 1]) for thread t of `threads`: an item goes to the thread whose
 // share of the total cost holds the item's midpoint, so each run costs about the same.
 template <typename Cost>
@@ -135,8 +141,6 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   // Scores are stored 16 at a time, so each head's row is padded to a multiple of 16.
   const int64_t padded = (std::max<int64_t>(max_len, 1) + kLanes - 1) / kLanes * kLanes + kLanes;
   const int64_t row_bytes = head_dim * sizeof(scalar_t);
-  // HF's window: a token sees itself and the sliding_window - 1 tokens before it.
-  auto first_of = [&](int64_t len) { return sliding_window > 0 ? std::max<int64_t>(0, len - sliding_window) : 0; };
   // Token t's row of a KV head in a cache, through the sequence's block table.
   auto row_of = [&](const scalar_t* cache, c10::IntArrayRef strides, const int64_t* table, int64_t head, int64_t t) {
     return cache + table[t / block_size] * strides[0] + (t % block_size) * strides[1] + head * strides[2];
@@ -146,7 +150,7 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   const int64_t threads = at::get_num_threads();
   const std::vector<int64_t> bounds = balanced_bounds(num_rows * num_kv_heads, threads, [&](int64_t item) {
     const int64_t len = lens[item / num_kv_heads];
-    return len - first_of(len) + kLanes;  // the tokens attended, and a row's fixed work
+    return len - first_attended(len, sliding_window) + kLanes;  // the tokens attended, and a row's fixed work
   });
 
   at::parallel_for(0, threads, 1, [&](int64_t first_thread, int64_t last_thread) {
@@ -154,7 +158,8 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
     std::vector<float> query(group * head_dim), scores(group * padded), acc(group * head_dim);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t r = item / num_kv_heads, kv_head = item % num_kv_heads;
-      const int64_t len = lens[r], q_pos = len - 1, first = first_of(len), count = len - first;
+      const int64_t len = lens[r], q_pos = len - 1, first = first_attended(len, sliding_window);
+      const int64_t count = len - first;
       const int64_t* table = table_of(r);
       for (int64_t g = 0; g < group; ++g) {
         const scalar_t* row = q_ptr + (r * num_heads + kv_head * group + g) * head_dim;
@@ -185,7 +190,8 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
         t += n;
       }
       if (item + 1 < end) {  // the next item's first keys, while this one's softmax and values run
-        const int64_t next_r = (item + 1) / num_kv_heads, next_len = lens[next_r], next_first = first_of(next_len);
+        const int64_t next_r = (item + 1) / num_kv_heads, next_len = lens[next_r];
+        const int64_t next_first = first_attended(next_len, sliding_window);
         for (int64_t u = next_first; u < std::min(next_first + kAhead, next_len); ++u) {
           prefetch_row(row_of(k_ptr, ks, table_of(next_r), (item + 1) % num_kv_heads, u), row_bytes);
         }
@@ -256,8 +262,7 @@ at::Tensor run(const char* op, const at::Tensor& q, const at::Tensor& k_cache, c
                 " does not fit its block table of ", width, " blocks of ", block_size);
     // A sliding window reads only its own blocks: those before it may have been let go.
     const int64_t* blocks = table + (row ? row[r] : r) * width;
-    const int64_t first = sliding_window > 0 ? std::max<int64_t>(0, len[r] - sliding_window) : 0;
-    for (int64_t b = first / block_size; b * block_size < len[r]; ++b) {
+    for (int64_t b = first_attended(len[r], sliding_window) / block_size; b * block_size < len[r]; ++b) {
       TORCH_CHECK(blocks[b] >= 0 && blocks[b] < num_blocks, "litmus::", op, ": block ", blocks[b],
                   " is outside the cache's ", num_blocks, " blocks");
     }
@@ -306,7 +311,8 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, con
   const at::Tensor starts = query_start_loc.to(at::kLong).contiguous();
   const at::Tensor computed = num_computed.to(at::kLong).contiguous();
   const at::Tensor tables = block_tables.to(at::kLong).contiguous();
-  const int64_t chunks = computed.numel(), tokens = q.dim() == 3 ? q.size(0) : -1;
+  TORCH_CHECK(q.dim() == 3, "litmus::prefill_attention: expected q [T, Hq, D], got ", q.sizes());
+  const int64_t chunks = computed.numel(), tokens = q.size(0);
   TORCH_CHECK(starts.numel() == chunks + 1 && tables.dim() == 2 && tables.size(0) == chunks,
               "litmus::prefill_attention: query_start_loc needs one more entry than num_computed and block_tables "
               "has rows");

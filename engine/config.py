@@ -49,6 +49,8 @@ class EngineConfig:
     revision: str | None
     device: torch.device
     model_impl: str = "auto"  # auto | native | transformers, resolved against the architecture when the model loads
+    # False: decode steps run the model compiled by torch.compile (worker/model_runner.py).
+    enforce_eager: bool = True
     pooler_config: PoolerConfig | None = None  # pooling tasks only
 
     @property
@@ -63,6 +65,7 @@ class EngineConfig:
         max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = False,
         hf_overrides: dict[str, Any] | None = None, trust_remote_code: bool = False, revision: str | None = None,
         model_impl: str = "auto", override_pooler_config: PoolerConfig | dict | str | None = None,
+        enforce_eager: bool = True,
     ) -> "EngineConfig":
         check_model_impl(model_impl)
         if task not in ("auto", *SUPPORTED_TASKS):
@@ -83,6 +86,8 @@ class EngineConfig:
         elif override_pooler_config is not None:
             raise ValueError(f"override_pooler_config applies to pooling tasks, not task={task!r}")
         torch_dtype = _resolve_dtype(dtype)
+        if not enforce_eager:
+            _check_compilable(torch_dtype, resolve_model_impl(hf_config.architectures, model_impl))
         if num_kv_blocks is None:
             num_kv_blocks = _blocks_for_memory(
                 hf_config, torch_dtype, block_size, kv_cache_memory_bytes or _DEFAULT_KV_CACHE_BYTES,
@@ -108,6 +113,7 @@ class EngineConfig:
             num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=batched,
             enable_prefix_caching=enable_prefix_caching, trust_remote_code=trust_remote_code,
             revision=revision, device=torch.device("cpu"), model_impl=model_impl, pooler_config=pooler_config,
+            enforce_eager=enforce_eager,
         )
 
 
@@ -176,6 +182,17 @@ def _pooling_batched_tokens(requested: int | None, default: int, max_len: int) -
         raise ValueError(f"max_num_batched_tokens={requested} is below max_model_len={max_len}: pooling runs "
                          f"each prompt whole in one step")
     return requested
+
+
+def _check_compilable(dtype: torch.dtype, impl: str) -> None:
+    # Compiling keeps every logprob bit only where the model's arithmetic is all in the engine's
+    # float32 kernels: Transformers' own modeling code gets fused and rounded differently, and
+    # the bfloat16 linear layers' oneDNN op does not compile here.
+    if dtype != torch.float32:
+        raise ValueError(f"enforce_eager=False compiles float32 models; {dtype} runs eager only")
+    if impl == "transformers":
+        raise ValueError("enforce_eager=False compiles the engine's native models; the Transformers backend "
+                         "runs eager only")
 
 
 def _check_positive(**values: int) -> None:

@@ -49,6 +49,7 @@ class LLM:
         revision: str | None = None,
         model_impl: str = "auto",
         override_pooler_config: PoolerConfig | dict[str, Any] | str | None = None,
+        enforce_eager: bool = True,
     ):
         config = EngineConfig.create(
             model=model, tokenizer=tokenizer, task=task, dtype=dtype, seed=seed, max_model_len=max_model_len,
@@ -56,7 +57,7 @@ class LLM:
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             enable_prefix_caching=enable_prefix_caching, hf_overrides=hf_overrides,
             trust_remote_code=trust_remote_code, revision=revision, model_impl=model_impl,
-            override_pooler_config=override_pooler_config,
+            override_pooler_config=override_pooler_config, enforce_eager=enforce_eager,
         )
         self.llm_engine = LLMEngine(config)
         self._request_ids = itertools.count()

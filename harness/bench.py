@@ -51,6 +51,8 @@ class Workload:
     input_len: int
     output_len: int
     seed: int = 0
+    # Engine backends: False runs their decode steps through torch.compile (compiled in the warm-up).
+    enforce_eager: bool = True
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -114,7 +116,8 @@ class EngineBackend(Backend):
             self.name = f"engine-{model_impl}"
         # The cache holds exactly the workload: every prompt at full length at once.
         self.llm = LLM(w.path, dtype=w.dtype, max_model_len=w.input_len + w.output_len,
-                       max_num_seqs=max(w.num_prompts, 1), seed=w.seed, model_impl=model_impl)
+                       max_num_seqs=max(w.num_prompts, 1), seed=w.seed, model_impl=model_impl,
+                       enforce_eager=w.enforce_eager)
 
     def _params(self, output_len: int):
         from engine import SamplingParams
@@ -454,8 +457,10 @@ def run_throughput(w: Workload, backends: list[str], repeats: int = 1, hf_sizes:
 def _load_and_warm(name: str, w: Workload, gguf: str | None, log: Callable[[str], None]) -> Backend:
     start = time.perf_counter()
     backend = make_backend(name, w, gguf)
-    # Warm-up, not timed: first-call allocations, lazy inits, compiled-kernel caches.
-    backend.generate(make_prompts(w, count=2), min(w.output_len, 4))
+    # Warm-up, not timed: first-call allocations, lazy inits, compiled-kernel caches. A compiled
+    # engine traces one graph for a single sequence and one for any larger batch: both run here.
+    for count in (2, 1):
+        backend.generate(make_prompts(w, count=count), min(w.output_len, 4))
     log(f"{name}: loaded and warmed up in {time.perf_counter() - start:.1f}s")
     return backend
 
@@ -511,7 +516,8 @@ def _header(kind: str, w: Workload) -> dict[str, Any]:
 
     return {
         "kind": kind, "model": w.model, "dtype": w.dtype, "num_prompts": w.num_prompts, "input_len": w.input_len,
-        "output_len": w.output_len, "seed": w.seed, "threads": torch.get_num_threads(),
+        "output_len": w.output_len, "seed": w.seed, "enforce_eager": w.enforce_eager,
+        "threads": torch.get_num_threads(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **environment(),
     }
@@ -521,8 +527,8 @@ def format_report(report: dict[str, Any]) -> str:
     if report["kind"] == "throughput":
         peaks = ", ".join(f"{name} {rate:.0f}" for name, rate in report["matmul_peaks_gflops"].items())
         lines = [f"throughput: {report['model']} {report['dtype']}, {report['num_prompts']} prompts x "
-                 f"{report['input_len']} in / {report['output_len']} out, {report['threads']} threads; "
-                 f"matmul peak {report['matmul_peak_gflops']:.0f} GFLOP/s ({peaks}) -> "
+                 f"{report['input_len']} in / {report['output_len']} out, {report['threads']} threads"
+                 f"{_compiled(report)}; matmul peak {report['matmul_peak_gflops']:.0f} GFLOP/s ({peaks}) -> "
                  f"roofline {report['roofline_tok_s']:.0f} tok/s"]
         for r in report["results"].values():
             extra = f"  batch size {r['batch_size']}" if r["batch_size"] else ""
@@ -534,7 +540,7 @@ def format_report(report: dict[str, Any]) -> str:
                 lines.append(_format_step_stats(r["step_stats"]))
     else:
         lines = [f"latency: {report['model']} {report['dtype']}, batch 1, {report['input_len']} in / "
-                 f"{report['output_len']} out, {report['threads']} threads"]
+                 f"{report['output_len']} out, {report['threads']} threads{_compiled(report)}"]
         for r in report["results"].values():
             extra = f"  weights {Path(r['weights']).name}" if r["weights"] else ""
             lines.append(f"  {r['backend']:9s} first token {r['ttft_ms']:8.1f} ms  {r['ms_per_output_token']:7.2f} "
@@ -547,6 +553,10 @@ def format_report(report: dict[str, Any]) -> str:
         what = "tok/s" if report["kind"] == "throughput" else "decode speed (ms per token, inverted)"
         lines.append(f"ratio {pair} ({what}): {ratio:.2f}x")
     return "\n".join(lines)
+
+
+def _compiled(report: dict[str, Any]) -> str:
+    return "" if report.get("enforce_eager", True) else ", engine decode steps compiled"
 
 
 def _format_step_stats(stats: dict[str, float]) -> str:
@@ -593,7 +603,7 @@ def _run(args: argparse.Namespace) -> int:
             raise BenchError("--output-len must be >= 2 for latency: ms per output token is timed after the first")
         backends = _backends(args)
         w = Workload(args.model, resolve(args.model), args.dtype, args.num_prompts, args.input_len,
-                     args.output_len, args.seed)
+                     args.output_len, args.seed, args.enforce_eager)
         if args.kind == "throughput":
             report = run_throughput(w, backends, args.repeats, hf_batch_sizes(args.hf_batch_sizes, w.num_prompts),
                                     args.gguf)
@@ -631,6 +641,9 @@ def register_bench_cli(commands) -> None:
         p.add_argument("--repeats", type=int, default=repeats, help=f"timed rounds per backend (default: {repeats})")
         p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
         p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+        p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
+                       help="--no-enforce-eager: the engine runs decode steps through torch.compile, compiled "
+                       "during the untimed warm-up (default: eager)")
         p.add_argument("--gguf", help="llamacpp: the GGUF file (default: the one a zoo model was built from)")
         p.add_argument("--output", help=f"JSON report path (default: bench-{kind}.json)")
         p.set_defaults(run=_run, kind=kind)

@@ -92,7 +92,14 @@ def triton_interpreted() -> bool:
 
 def _cpp(x: torch.Tensor) -> bool:
     """Whether an op on x runs its C++ CPU kernel."""
-    name, forced = _selected(x.device.type)
+    return _cpp_on(x.device.type)
+
+
+# torch.compile takes the answer as a constant of the graph it traces (its build and environment
+# checks are not traceable): a compiled model keeps the backend it was compiled with.
+@torch.compiler.assume_constant_result
+def _cpp_on(device_type: str) -> bool:
+    name, forced = _selected(device_type)
     return name == "cpp" and cpu.available(required=forced)
 
 

@@ -390,15 +390,19 @@ def _logprob_bits(outputs) -> list:
     return [(values(o.prompt_logprobs), values(o.outputs[0].logprobs)) for o in outputs]
 
 
+def require_cpu_kernels() -> None:
+    from litmus_kernels import cpu, ops
+
+    if ops.backend(torch.zeros(1)) != "cpp" or not cpu.available():
+        pytest.skip("the C++ CPU kernels are not what runs here (LITMUS_KERNELS or no compiler)")
+
+
 def test_cpu_kernels_give_each_sequence_the_same_logprob_bits_in_any_batch_and_chunking(llama_path: Path,
                                                                                       prompt_ids) -> None:
     # Every CPU kernel computes a row from that row alone (the GEMM, attention for a prompt token or a
     # decode alike, the norms): batching, chunked prefill and the prefix cache change no bit of what a
     # sequence gets, as if it ran alone.
-    from litmus_kernels import cpu, ops
-
-    if ops.backend(torch.zeros(1)) != "cpp" or not cpu.available():
-        pytest.skip("the C++ CPU kernels are not what runs here (LITMUS_KERNELS or no compiler)")
+    require_cpu_kernels()
     params = dict(max_tokens=8, ignore_eos=True, logprobs=3, prompt_logprobs=2, **GREEDY)
     prompts = ids_prompts(prompt_ids)
     expected = _logprob_bits(gen(make_llm(llama_path), prompts, **params))
@@ -412,6 +416,44 @@ def test_cpu_kernels_give_each_sequence_the_same_logprob_bits_in_any_batch_and_c
     hits = cached.llm_engine.block_manager.prefix_hits
     assert [bits[1] for bits in _logprob_bits(gen(cached, prompts, **sampled))] == [bits[1] for bits in expected]
     assert cached.llm_engine.block_manager.prefix_hits > hits
+
+
+def test_compiled_decode_steps_give_the_eager_bits_and_follow_weight_edits(llama_path: Path, prompt_ids) -> None:
+    # enforce_eager=False runs decode steps through torch.compile: the same kernels in the same order,
+    # so no logprob changes a bit. A weight edited in place afterwards is packed anew and used.
+    from torch._dynamo.utils import counters
+
+    require_cpu_kernels()
+    params = dict(max_tokens=8, ignore_eos=True, logprobs=3, prompt_logprobs=2, **GREEDY)
+    prompts = ids_prompts(prompt_ids)
+    eager, compiled = make_llm(llama_path), make_llm(llama_path, enforce_eager=False)
+    traced = counters["stats"]["calls_captured"]
+    assert _logprob_bits(gen(compiled, prompts, **params)) == _logprob_bits(gen(eager, prompts, **params))
+    assert counters["stats"]["calls_captured"] > traced  # the decode steps did run compiled
+
+    def edited_mid_request(llm: LLM) -> list:
+        # The edit lands after the (eager) prefill step, so only the decode steps can pick it up.
+        engine = llm.llm_engine
+        for i, prompt in enumerate(prompt_ids):
+            engine.add_request(f"edit-{i}", None, prompt, SamplingParams(max_tokens=8, ignore_eos=True, logprobs=3,
+                                                                         **GREEDY))
+        outputs = {o.request_id: o for o in engine.step()}
+        with torch.no_grad():
+            engine.model_runner.model.model.layers[0].mlp.down_proj.weight.mul_(0.5)
+        while engine.has_unfinished_requests():
+            outputs.update((o.request_id, o) for o in engine.step())
+        return _logprob_bits(outputs[f"edit-{i}"] for i in range(len(prompt_ids)))
+
+    edited = edited_mid_request(eager)
+    assert edited != _logprob_bits(gen(make_llm(llama_path), prompts, **{**params, "prompt_logprobs": None}))
+    assert edited_mid_request(compiled) == edited
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(dtype="bfloat16"), "compiles float32 models"),
+                                             (dict(model_impl="transformers"), "Transformers backend")])
+def test_compiling_where_bits_would_change_is_refused_up_front(llama_path: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_llm(llama_path, enforce_eager=False, **kwargs)
 
 
 def test_prefix_caching_gives_the_same_tokens_and_hits(llama_path: Path, tokenizer, llm: LLM) -> None:

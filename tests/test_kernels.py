@@ -548,6 +548,40 @@ def _ran_op(name: str, fn) -> bool:
     return any(event.name == name for event in prof.events())
 
 
+def test_cpp_ops_have_schemas_and_shape_functions_torch_compile_can_trust(litmus_ops) -> None:
+    # torch.library.opcheck runs each op for real and through its fake (kernels/cpu/fake.py): the
+    # shapes, dtypes and strides must agree and the schema must declare what the op mutates.
+    x, cos, sin = torch.randn(5, 40), torch.randn(8, 4), torch.randn(8, 4)
+    weight = torch.randn(70, 40)
+    packed, gated = ops.pack_linear_weight(weight), ops.pack_gated_linear_weight(weight)
+    k_cache = torch.randn(2, 6, 4, 16).permute(1, 2, 0, 3)  # [blocks, block_size, kv_heads, head_dim]
+    v_cache = torch.randn_like(k_cache)
+    q = torch.randn(3, 4, 16)
+    tables = torch.tensor([[0, 2], [1, 3], [0, 4]])
+    cases = [
+        (litmus_ops.linear, (x, packed, torch.randn(70), 70)),
+        (litmus_ops.linear, (x, packed, None, 70)),
+        (litmus_ops.gated_linear, (x, gated, None, 35, "silu")),
+        (litmus_ops.pack_linear_weight, (weight,)),
+        (litmus_ops.pack_gated_linear_weight, (weight,)),
+        (litmus_ops.rms_norm, (x, torch.randn(40), 1e-6, None)),
+        (litmus_ops.rms_norm, (x, torch.randn(40), 1e-6, torch.randn(5, 40))),
+        (litmus_ops.rotary_embedding, (torch.arange(5), torch.randn(5, 32), torch.randn(5, 16), cos, sin, 16, True)),
+        (litmus_ops.silu_and_mul, (x,)),
+        (litmus_ops.gelu_and_mul, (x, "tanh")),
+        (litmus_ops.argmax_rows, (x,)),
+        (litmus_ops.write_kv_cache, (torch.randn(3, 2, 16), torch.randn(3, 2, 16), k_cache.clone(), v_cache.clone(),
+                                     torch.tensor([0, 7, 9]))),
+        (litmus_ops.decode_attention, (q, k_cache, v_cache, tables, torch.tensor([3, 6, 2]), 0.25, 0, 0.0, None)),
+        (litmus_ops.prefill_attention, (q, k_cache, v_cache, torch.tensor([0, 2, 3]), torch.tensor([0, 4]), tables[:2],
+                                        0.25, 0, 0.0, None)),
+    ]
+    registered = {name for name in torch._C._dispatch_get_all_op_names() if name.startswith("litmus::")}
+    assert {op._qualified_op_name for op, _ in cases} == registered  # every op is checked
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
 def test_engine_ops_run_the_cpp_kernels_by_default(monkeypatch: pytest.MonkeyPatch, litmus_ops) -> None:
     x, weight, residual = torch.randn(3, 40), torch.randn(40), torch.randn(3, 40)
     cos, sin = torch.randn(10, 4), torch.randn(10, 4)

@@ -46,6 +46,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)")
     eng.add_argument("--enable-prefix-caching", action="store_true", help="reuse KV blocks of shared prefixes")
     eng.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling requests (default: %(default)s)")
+    eng.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
+                     help="--no-enforce-eager: decode steps run through torch.compile, compiled by the first "
+                     "(default: eager)")
     eng.add_argument("--trust-remote-code", action="store_true")
     eng.add_argument("--revision")
 
@@ -83,7 +86,7 @@ def run_serve(args: argparse.Namespace) -> int:
             max_model_len=args.max_model_len, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             enable_prefix_caching=args.enable_prefix_caching, trust_remote_code=args.trust_remote_code,
-            revision=args.revision,
+            revision=args.revision, enforce_eager=args.enforce_eager,
         )
         engine = AsyncLLMEngine.from_config(config)
     except (ValueError, OSError) as exc:

@@ -45,6 +45,10 @@ def packed_weight(weight: torch.Tensor, layout: str) -> torch.Tensor:
     """weight [out, in] packed in `layout`: for kernels/cpu's GEMM ("gemm"), its gated form
     ("gated") or oneDNN ("onednn"); packed again after any in-place edit."""
     entry = getattr(weight, _PACK, None)
+    if torch.compiler.is_compiling() and entry is not None and entry[1] == layout:
+        # A traced graph reads the pack a weight holds when each step runs: ModelRunner brings
+        # edited weights' packs up to date (refresh_packs) before every compiled step.
+        return entry[2]
     if entry is None or entry[0] != weight._version or entry[1] != layout:
         entry = (weight._version, layout, _PACKERS[layout](weight.detach()))
         setattr(weight, _PACK, entry)
@@ -99,6 +103,20 @@ def _shaped(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
 
 
+def _layout(module: nn.Linear) -> str:
+    if not ops.cpu_gemm(module.weight):
+        return "onednn"
+    return "gated" if getattr(module, "gated_projection", False) else "gemm"
+
+
+def refresh_packs(linears: list[PackedLinear]) -> None:
+    """Packs again each of these layers' weights replaced or edited in place since it was packed."""
+    for module in linears:
+        entry = getattr(module.weight, _PACK, None)
+        if entry is None or entry[0] != module.weight._version:
+            packed_weight(module.weight, _layout(module))
+
+
 def pack_linears(model: nn.Module) -> int:
     """Turns every CPU nn.Linear of model with a float32 / bfloat16 weight into a PackedLinear,
     in place (same module objects and parameters, so ties and references stay valid), packing
@@ -109,7 +127,6 @@ def pack_linears(model: nn.Module) -> int:
     for module in model.modules():
         if type(module) is nn.Linear and module.weight.dtype in PACKED_DTYPES and module.weight.device.type == "cpu":
             module.__class__ = PackedLinear
-            layout = "gated" if getattr(module, "gated_projection", False) else "gemm"
-            packed_weight(module.weight, layout if ops.cpu_gemm(module.weight) else "onednn")
+            packed_weight(module.weight, _layout(module))
             count += 1
     return count

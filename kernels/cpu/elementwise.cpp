@@ -85,7 +85,9 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tenso
               weight.sizes(), ", expected (", x.size(-1), ",)");
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "litmus::rms_norm: x and weight must share a dtype");
   const at::Tensor input = x.contiguous(), w = weight.contiguous();
-  at::Tensor res, summed;
+  // Without a residual there is no sum to return: an empty tensor stands for it (a returned
+  // Tensor must be one, for torch.compile's tracing of the op).
+  at::Tensor res, summed = at::empty({0}, x.options());
   if (residual.has_value()) {
     TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type(),
                 "litmus::rms_norm: the residual must match x in shape and dtype");
@@ -97,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "litmus_rms_norm", [&] {
     rms_norm_rows<scalar_t>(input.data_ptr<scalar_t>(), res.defined() ? res.data_ptr<scalar_t>() : nullptr,
                             w.data_ptr<scalar_t>(), static_cast<float>(eps), rows, hidden, out.data_ptr<scalar_t>(),
-                            summed.defined() ? summed.data_ptr<scalar_t>() : nullptr);
+                            res.defined() ? summed.data_ptr<scalar_t>() : nullptr);
   });
   return {out, summed};
 }

@@ -86,8 +86,6 @@ class EngineConfig:
         elif override_pooler_config is not None:
             raise ValueError(f"override_pooler_config applies to pooling tasks, not task={task!r}")
         torch_dtype = _resolve_dtype(dtype)
-        if not enforce_eager:
-            _check_compilable(torch_dtype, resolve_model_impl(hf_config.architectures, model_impl))
         if num_kv_blocks is None:
             num_kv_blocks = _blocks_for_memory(
                 hf_config, torch_dtype, block_size, kv_cache_memory_bytes or _DEFAULT_KV_CACHE_BYTES,
@@ -182,17 +180,6 @@ def _pooling_batched_tokens(requested: int | None, default: int, max_len: int) -
         raise ValueError(f"max_num_batched_tokens={requested} is below max_model_len={max_len}: pooling runs "
                          f"each prompt whole in one step")
     return requested
-
-
-def _check_compilable(dtype: torch.dtype, impl: str) -> None:
-    # Compiling keeps every logprob bit only where the model's arithmetic is all in the engine's
-    # float32 kernels: Transformers' own modeling code gets fused and rounded differently, and
-    # the bfloat16 linear layers' oneDNN op does not compile here.
-    if dtype != torch.float32:
-        raise ValueError(f"enforce_eager=False compiles float32 models; {dtype} runs eager only")
-    if impl == "transformers":
-        raise ValueError("enforce_eager=False compiles the engine's native models; the Transformers backend "
-                         "runs eager only")
 
 
 def _check_positive(**values: int) -> None:

@@ -85,12 +85,12 @@ class ModelRunner:
         self.vocab_size = config.hf_config.vocab_size
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self._allocate_kv_cache()
-        # enforce_eager=False: decode-only steps run the model through torch.compile (compiled by
-        # the first: SmolLM2 ~22 s on 2 cores, ~5 s from inductor's cache), which leaves out the
-        # Python of ~300 module and op calls a step (SmolLM2: 64 sequences 3-8 % faster, one
-        # ~9 %). Steps with prefill chunks stay eager: their chunk lists would compile a graph per
-        # shape. The wrapper's shape asserts are left out: the ops' fakes are opcheck-tested.
-        self._compiled = None if config.enforce_eager else torch.compile(self.model, options={"size_asserts": False})
+        # enforce_eager=False: decode-only steps run the graph of ops torch.compile captures from
+        # the model on the first, without the Python of ~300 module and op calls around them. The
+        # graph runs as captured (backend "eager": no generated kernels), so every model gets the
+        # bits it gets eagerly; inductor's code changed LayerNorm and GELU models' bits. Steps
+        # with prefill chunks stay eager: their chunk lists would capture a graph per shape.
+        self._compiled = None if config.enforce_eager else torch.compile(self.model, backend="eager")
         self._packed_linears = [m for m in self.model.modules() if isinstance(m, PackedLinear)]
 
     def _allocate_kv_cache(self) -> None:

@@ -49,7 +49,7 @@ class EngineConfig:
     revision: str | None
     device: torch.device
     model_impl: str = "auto"  # auto | native | transformers, resolved against the architecture when the model loads
-    # False: decode steps run the model compiled by torch.compile (worker/model_runner.py).
+    # False: decode steps run the graph torch.compile captures from the model (worker/model_runner.py).
     enforce_eager: bool = True
     pooler_config: PoolerConfig | None = None  # pooling tasks only
 

@@ -51,7 +51,7 @@ class Workload:
     input_len: int
     output_len: int
     seed: int = 0
-    # Engine backends: False runs their decode steps through torch.compile (compiled in the warm-up).
+    # Engine backends: False runs their decode steps as a graph torch.compile captures (in the warm-up).
     enforce_eager: bool = True
 
     @property
@@ -458,7 +458,7 @@ def _load_and_warm(name: str, w: Workload, gguf: str | None, log: Callable[[str]
     start = time.perf_counter()
     backend = make_backend(name, w, gguf)
     # Warm-up, not timed: first-call allocations, lazy inits, compiled-kernel caches. A compiled
-    # engine traces one graph for a single sequence and one for any larger batch: both run here.
+    # engine captures one graph for a single sequence and one for any larger batch: both run here.
     for count in (2, 1):
         backend.generate(make_prompts(w, count=count), min(w.output_len, 4))
     log(f"{name}: loaded and warmed up in {time.perf_counter() - start:.1f}s")
@@ -642,8 +642,8 @@ def register_bench_cli(commands) -> None:
         p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
         p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
         p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
-                       help="--no-enforce-eager: the engine runs decode steps through torch.compile, compiled "
-                       "during the untimed warm-up (default: eager)")
+                       help="--no-enforce-eager: the engine runs decode steps as the graph torch.compile "
+                       "captures during the untimed warm-up (default: eager)")
         p.add_argument("--gguf", help="llamacpp: the GGUF file (default: the one a zoo model was built from)")
         p.add_argument("--output", help=f"JSON report path (default: bench-{kind}.json)")
         p.set_defaults(run=_run, kind=kind)

@@ -47,8 +47,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--enable-prefix-caching", action="store_true", help="reuse KV blocks of shared prefixes")
     eng.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling requests (default: %(default)s)")
     eng.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
-                     help="--no-enforce-eager: decode steps run through torch.compile, compiled by the first "
-                     "(default: eager)")
+                     help="--no-enforce-eager: decode steps run as the graph torch.compile captures on the "
+                     "first (default: eager)")
     eng.add_argument("--trust-remote-code", action="store_true")
     eng.add_argument("--revision")
 

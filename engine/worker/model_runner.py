@@ -128,8 +128,8 @@ class ModelRunner:
             return self.model(input_ids, positions, meta)
         # The compiled graph reads each weight's pack: packs of weights edited since are made anew.
         refresh_packs(self._packed_linears)
-        # Only the batch's sizes vary (sequences, block-table width): the weights and caches are
-        # compiled in at their sizes, so a step is checked against few guards.
+        # Only the batch's sizes vary (sequences, block-table width): the weights' and caches'
+        # sizes are fixed in the graph, so a step is checked against few guards.
         for t in (input_ids, positions, meta.slot_mapping, meta.decode_context_lens, meta.decode_block_tables):
             torch._dynamo.maybe_mark_dynamic(t, 0)
         torch._dynamo.maybe_mark_dynamic(meta.decode_block_tables, 1)

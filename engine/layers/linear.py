@@ -110,11 +110,11 @@ def _layout(module: nn.Linear) -> str:
 
 
 def refresh_packs(linears: list[PackedLinear]) -> None:
-    """Packs again each of these layers' weights replaced or edited in place since it was packed."""
+    """Packs again each of these layers' weights replaced or edited in place since it was packed,
+    in the layout it was last packed in."""
     for module in linears:
         entry = getattr(module.weight, _PACK, None)
-        if entry is None or entry[0] != module.weight._version:
-            packed_weight(module.weight, _layout(module))
+        packed_weight(module.weight, _layout(module) if entry is None else entry[1])
 
 
 def pack_linears(model: nn.Module) -> int:

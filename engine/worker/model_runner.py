@@ -91,7 +91,8 @@ class ModelRunner:
         # bits it gets eagerly; inductor's code changed LayerNorm and GELU models' bits. Steps
         # with prefill chunks stay eager: their chunk lists would capture a graph per shape.
         self._compiled = None if config.enforce_eager else torch.compile(self.model, backend="eager")
-        self._packed_linears = [m for m in self.model.modules() if isinstance(m, PackedLinear)]
+        self._packed_linears = [] if config.enforce_eager else [
+            m for m in self.model.modules() if isinstance(m, PackedLinear)]
 
     def _allocate_kv_cache(self) -> None:
         # Bidirectional (encoder) layers attend within the step and keep no cache.

@@ -9,7 +9,7 @@ import torch
 _PANEL = 64  # output features per packed panel (linear.cpp kPanel)
 
 
-def _rows(x: torch.Tensor, features) -> torch.Tensor:
+def _per_row(x: torch.Tensor, features) -> torch.Tensor:
     return x.new_empty(x.shape[0], features)
 
 
@@ -27,8 +27,8 @@ def register() -> None:
     fake("litmus::rotary_embedding")(lambda positions, q, k, *args: (q.new_empty(q.shape), k.new_empty(k.shape)))
     fake("litmus::silu_and_mul")(_gated)
     fake("litmus::gelu_and_mul")(lambda x, approximate: _gated(x))
-    fake("litmus::linear")(lambda x, packed, bias, out_features: _rows(x, out_features))
-    fake("litmus::gated_linear")(lambda x, packed, bias, d, act: _rows(x, d))
+    fake("litmus::linear")(lambda x, packed, bias, out_features: _per_row(x, out_features))
+    fake("litmus::gated_linear")(lambda x, packed, bias, d, act: _per_row(x, d))
     fake("litmus::pack_linear_weight")(
         lambda w: w.new_empty(-(-w.shape[0] // _PANEL), w.shape[1], _PANEL))
     fake("litmus::pack_gated_linear_weight")(
